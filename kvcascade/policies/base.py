@@ -1,0 +1,148 @@
+"""The policy interface and registry.
+
+A policy decides what stays in the cache. It never runs the model: after each attention call of a layer
+(a prompt chunk or one decoded token) the cache has appended the chunk and calls ``policy.step(cache,
+layer, stats)``; the policy updates per-token scores from ``stats`` (attention mass) and compacts the layer
+when it holds more than the policy's budget. A policy sees the whole cache (all layers), so cross-layer
+methods fit the same interface.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import KVCascadeError
+
+REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(cls):
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+class Policy:
+    """Base class. Subclasses set ``name``, ``PARAMS`` (defaults) and ``DOCS`` (one line per parameter)."""
+
+    name: ClassVar[str] = "base"
+    #: "original": queries and keys use original token positions; "cache": positions are in-cache slots.
+    position_mode: ClassVar[str] = "original"
+    PARAMS: ClassVar[dict[str, Any]] = {}
+    DOCS: ClassVar[dict[str, str]] = {}
+    obs_window: int = 0  # trailing queries whose attention the kernel sums separately (stats.obs)
+    needs_mass: bool = False  # whether the kernel must return stats.mass
+
+    def __init__(self, **params):
+        unknown = sorted(set(params) - set(self.PARAMS))
+        if unknown:
+            known = ", ".join(self.PARAMS) or "none"
+            raise KVCascadeError(f"policy '{self.name}' has no parameter {', '.join(unknown)} (parameters: {known})")
+        for key, default in self.PARAMS.items():
+            value = params.get(key, default)
+            if value is not None and default is not None and not isinstance(value, type(default)):
+                try:
+                    value = _coerce(value, type(default))
+                except (TypeError, ValueError):
+                    raise KVCascadeError(
+                        f"policy '{self.name}': parameter {key}={value!r} is not a {type(default).__name__}"
+                    ) from None
+            setattr(self, key, value)
+        self.validate()
+
+    def params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.PARAMS}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- to override ---------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        budget = getattr(self, "budget", None)
+        if "budget" in self.PARAMS and (not isinstance(budget, int) or budget <= 0):
+            raise KVCascadeError(f"policy '{self.name}': budget must be a positive number of tokens, got {budget!r}")
+        sinks = getattr(self, "sinks", None)
+        if sinks is not None and (sinks < 0 or sinks >= budget):
+            raise KVCascadeError(f"policy '{self.name}': budget ({budget}) must be larger than sinks ({sinks})")
+
+    def setup(self, cache) -> None:
+        """Called once when a cache is created for this policy."""
+
+    def layer_budget(self, layer_idx: int, num_layers: int) -> int | None:
+        """Tokens this layer may keep per KV head (None: unbounded)."""
+        return getattr(self, "budget", None)
+
+    def query_weights(self, n_queries: int, device):
+        """Per-query weights of ``stats.mass`` (None: a plain sum over the chunk's queries)."""
+        return None
+
+    def step(self, cache, layer, stats) -> None:
+        """Update scores and compact ``layer`` after an attention call."""
+        raise NotImplementedError
+
+
+def _coerce(value, kind):
+    if kind is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        return bool(value)
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if isinstance(value, str):
+            value = value.lower().replace("_", "")
+            mult = 1024 if value.endswith("k") else 1
+            return int(value.rstrip("k")) * mult
+        return int(value)
+    return kind(value)
+
+
+# -- helpers shared by policies --------------------------------------------------------------------------
+def keep_indices(score: torch.Tensor, k: int, protect: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices ``[B, H, k]`` (sorted) of the ``k`` highest scores; ``protect`` (bool, broadcastable) always kept."""
+    s = score.float()
+    if protect is not None:
+        s = s.masked_fill(protect, float("inf"))
+    idx = torch.topk(s, k, dim=-1, sorted=False).indices
+    return idx.sort(dim=-1).values
+
+
+def recent_mask(n: int, recent: int, device) -> torch.Tensor:
+    m = torch.zeros(n, dtype=torch.bool, device=device)
+    if recent > 0:
+        m[max(0, n - recent):] = True
+    return m
+
+
+def sink_mask(pos: torch.Tensor, sinks: int) -> torch.Tensor:
+    return pos < sinks
+
+
+def make_policy(policy: str | Policy = "streaming", budget: int | None = None, **params) -> Policy:
+    """Build a policy by registry name (``budget`` and ``params`` are its parameters) or pass one through."""
+    if isinstance(policy, Policy):
+        if budget is not None or params:
+            raise KVCascadeError("pass budget/parameters when naming a policy, not with a policy object")
+        return policy
+    if policy not in REGISTRY:
+        raise KVCascadeError(f"unknown policy '{policy}'; known policies: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[policy]
+    if budget is not None:
+        if "budget" not in cls.PARAMS:
+            raise KVCascadeError(f"policy '{policy}' takes no budget")
+        params["budget"] = budget
+    return cls(**params)
+
+
+def describe_policies() -> list[dict]:
+    return [
+        {"name": name, "summary": (cls.__doc__ or "").strip().splitlines()[0], "position_mode": cls.position_mode,
+         "params": {k: {"default": v, "doc": cls.DOCS.get(k, "")} for k, v in cls.PARAMS.items()}}
+        for name, cls in sorted(REGISTRY.items())
+    ]

@@ -1,0 +1,187 @@
+"""Cascading KV cache (Willette et al., "Training-Free Exponential Context Extension via Cascading KV Cache",
+arXiv 2406.17808; official code ``jeffwillette/cascading_cache_2``).
+
+Layout per layer: ``sinks`` slots (the first tokens, kept forever) plus ``cascades`` sub-caches of
+``W = (budget - sinks) // cascades`` slots each. A new token (arrival index ``t``, counted after the sinks)
+enters cascade 0; a token leaving cascade ``i`` is offered to cascade ``i + 1``:
+
+* cascade ``i`` is *due* when ``t mod 2**i == 0`` (``rate="pow2"``; always during the eager fill, i.e.
+  until the cascades are full): it appends the offered token (evicting its oldest slot, which is offered
+  to cascade ``i + 1``, when full);
+* when not due, the offered token competes with cascade ``i``'s most recently added token and the one with
+  the higher EMA score keeps the slot (``>=``: the newer wins ties, as in the official kernel); the loser
+  is dropped. With ``rule="fixed"`` (the paper's v1 ablation) the offered token is simply dropped.
+* a token leaving the last cascade is dropped.
+
+Scores: every cached token's score is an exponential moving average of the attention it receives,
+``s <- beta * s + (1 - beta) * a`` per query. A stride of ``c`` queries applies the ``c`` per-query updates
+exactly: ``s <- beta**c * s + (1 - beta) * sum_q beta**(c-1-q) * a_q`` (the kernel returns that weighted
+mass), so scores do not depend on the stride size. ``head_reduction="mean"`` (the official default) averages
+scores over heads, so all heads of a layer keep the same tokens; ``"none"`` keeps per-KV-head cascades.
+
+Positions are in-cache: sinks ``0..S-1``, then the cascades oldest first (``kvcascade`` keeps tokens sorted
+by original position, and every token in cascade ``i + 1`` is older than every token in cascade ``i``,
+so the slot order is exactly the paper's order).
+
+Strided prefill: each prompt chunk (stride) attends to the cache plus itself; then its tokens are inserted
+in order with the scores they got. The insertion is vectorised: which slots are created and evicted at
+which arrival times does not depend on scores, so a stride costs one pass per cascade (segment arg-max over
+the offered tokens), not one per token.
+
+Defaults and their sources: ``sinks=4`` (StreamingLLM, used by the paper); ``beta=0.999`` (the value the
+paper states; the official code's latest ``init_cache`` uses 0.9999 and an earlier one ``exp(-ln 100 / W)``);
+``cascades=4`` (the paper reports 1 to 8; 4 is our default, tune per task); ``rate="pow2"`` and
+``eager_fill=True`` as in the official code.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import KVCascadeError
+from .base import Policy, register
+
+
+def segment_last_argmax(scores: torch.Tensor, gid: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """For rows of ``scores`` ``[R, m]`` and group ids ``gid`` ``[m]`` (0..n_groups-1, non-decreasing),
+    the position (0..m-1) of the last maximum in each group: ``[R, n_groups]``."""
+    R, m = scores.shape
+    g = gid.view(1, m).expand(R, m)
+    gmax = torch.full((R, n_groups), float("-inf"), device=scores.device, dtype=scores.dtype)
+    gmax = gmax.scatter_reduce(1, g, scores, reduce="amax", include_self=True)
+    is_max = scores >= gmax.gather(1, g)
+    pos = torch.arange(m, device=scores.device).view(1, m).expand(R, m)
+    cand = torch.where(is_max, pos, torch.full_like(pos, -1))
+    out = torch.full((R, n_groups), -1, device=scores.device, dtype=torch.long)
+    return out.scatter_reduce(1, g, cand, reduce="amax", include_self=True)
+
+
+@register
+class Cascade(Policy):
+    """Sinks + cascading sub-caches with EMA-selective acceptance, in-cache positions (arXiv 2406.17808)."""
+
+    name = "cascade"
+    position_mode = "cache"
+    PARAMS = {"budget": 2048, "sinks": 4, "cascades": 4, "beta": 0.999, "rule": "ema", "rate": "pow2",
+              "head_reduction": "mean", "eager_fill": True}
+    DOCS = {"budget": "tokens kept per layer and KV head (sinks included)",
+            "sinks": "first tokens kept forever",
+            "cascades": "number of sub-caches; each holds (budget - sinks) // cascades tokens",
+            "beta": "EMA factor of the attention score (per query)",
+            "rule": "ema (v2/v3: compare EMA scores) or fixed (v1: drop tokens offered when not due)",
+            "rate": "pow2 (cascade i due every 2**i tokens) or pow3, pow4",
+            "head_reduction": "mean (heads share one selection) or none (per-KV-head cascades)",
+            "eager_fill": "accept every token until the cascades are full"}
+    needs_mass = True
+
+    def validate(self) -> None:
+        super().validate()
+        if self.cascades < 1:
+            raise KVCascadeError(f"policy 'cascade': cascades must be >= 1, got {self.cascades}")
+        if (self.budget - self.sinks) // self.cascades < 1:
+            raise KVCascadeError(f"policy 'cascade': budget - sinks ({self.budget - self.sinks}) must hold at least "
+                                 f"one token per cascade ({self.cascades})")
+        if not 0.0 <= self.beta < 1.0:
+            raise KVCascadeError(f"policy 'cascade': beta must be in [0, 1), got {self.beta}")
+        if self.rule not in ("ema", "fixed"):
+            raise KVCascadeError(f"policy 'cascade': rule must be 'ema' or 'fixed', got {self.rule!r}")
+        if self.rate not in ("pow2", "pow3", "pow4"):
+            raise KVCascadeError(f"policy 'cascade': rate must be pow2, pow3 or pow4, got {self.rate!r}")
+        if self.head_reduction not in ("mean", "none"):
+            raise KVCascadeError(f"policy 'cascade': head_reduction must be 'mean' or 'none', got "
+                                 f"{self.head_reduction!r}")
+
+    @property
+    def window(self) -> int:
+        """Slots per cascade."""
+        return (self.budget - self.sinks) // self.cascades
+
+    def layer_budget(self, layer_idx: int, num_layers: int) -> int:
+        return self.sinks + self.cascades * self.window
+
+    def every(self, i: int) -> int:
+        return {"pow2": 2, "pow3": 3, "pow4": 4}[self.rate] ** i
+
+    def query_weights(self, n_queries: int, device) -> torch.Tensor:
+        """Per-query weights that turn the summed mass into the exact per-query EMA increment."""
+        return (1 - self.beta) * self.beta ** torch.arange(n_queries - 1, -1, -1, device=device, dtype=torch.float32)
+
+    # -- the policy step ---------------------------------------------------------------------------------
+    def step(self, cache, layer, stats) -> None:
+        c = stats.n_queries
+        n = len(layer)
+        seen_before = layer.seen - c
+        # EMA update of every token's score (the chunk's tokens start at 0): stats.mass is already weighted
+        layer.score.mul_(self.beta ** c).add_(stats.mass / stats.group)
+        counts = layer.state.setdefault("counts", [0] * self.cascades)
+
+        S, W, C = self.sinks, self.window, self.cascades
+        dev = layer.keys.device
+        n_sink_before = min(S, seen_before)
+        new_sinks = max(0, min(c, S - seen_before))
+        stride_start = n - c
+        # row scores: [R, n]; rows are batch (shared selection) or batch*heads
+        if self.head_reduction == "mean":
+            row_scores = layer.score.mean(dim=1)
+        else:
+            row_scores = layer.score.reshape(-1, n)
+        R = row_scores.shape[0]
+
+        offers = torch.arange(stride_start + new_sinks, n, device=dev).view(1, -1).expand(R, -1)
+        times = torch.arange(seen_before + new_sinks, layer.seen, device=dev) - S  # arrival index after sinks
+        starts = []
+        s0 = n_sink_before
+        for i in reversed(range(C)):
+            starts.append(s0)
+            s0 += counts[i]
+        starts = starts[::-1]  # starts[i]: first pool index of cascade i
+        kept: list[torch.Tensor] = [None] * C
+        for i in range(C):
+            k = counts[i]
+            existing = torch.arange(starts[i], starts[i] + k, device=dev).view(1, -1).expand(R, -1)
+            m = offers.shape[1]
+            if m == 0:
+                kept[i] = existing
+                continue
+            due = (times % self.every(i)) == 0
+            if self.eager_fill:
+                due = due | (times < C * W)
+            creates = due.clone()
+            if k == 0:
+                creates[0] = True
+            gid = torch.cumsum(creates.long(), 0) - 1  # -1: merges into cascade i's most recent slot
+            n_new = int(creates.sum())
+            merge = k > 0 and not bool(creates[0])
+            if merge:
+                cand = torch.cat([existing[:, -1:], offers], dim=1)
+                cgid = torch.cat([torch.full((1,), -1, device=dev, dtype=torch.long), gid]) + 1
+                n_groups = n_new + 1
+            else:
+                cand, cgid, n_groups = offers, gid, n_new
+            if self.rule == "ema":
+                pick = segment_last_argmax(row_scores.gather(1, cand), cgid, n_groups)
+            else:  # v1: the token that opened the group (or the incumbent) keeps the slot
+                first = torch.zeros(n_groups, dtype=torch.long, device=dev).scatter_reduce(
+                    0, cgid, torch.arange(cand.shape[1], device=dev), reduce="amin", include_self=False)
+                pick = first.view(1, -1).expand(R, -1)
+            winners = cand.gather(1, pick)
+            slots = torch.cat([existing[:, :-1] if merge else existing, winners], dim=1)
+            create_times = times[creates]
+            total = slots.shape[1]
+            if total > W:
+                n_evict = total - W
+                # slot W + e pushes out slot e when it is created
+                evict_times = create_times[W + torch.arange(n_evict, device=dev) - (total - n_new)]
+                offers, times = slots[:, :n_evict], evict_times
+                slots = slots[:, n_evict:]
+            else:
+                offers, times = slots[:, :0], times[:0]
+            kept[i] = slots
+            counts[i] = slots.shape[1]
+        sink_idx = torch.cat([torch.arange(n_sink_before, device=dev),
+                              torch.arange(stride_start, stride_start + new_sinks, device=dev)]).view(1, -1)
+        idx = torch.cat([sink_idx.expand(R, -1)] + [kept[i] for i in reversed(range(C))], dim=1)
+        B, H = layer.keys.shape[:2]
+        idx = idx.view(B, 1, -1).expand(B, H, -1) if self.head_reduction == "mean" else idx.view(B, H, -1)
+        if idx.shape[-1] != n or not bool((idx == torch.arange(n, device=dev)).all()):
+            layer.compact(idx)

@@ -1,0 +1,13 @@
+"""Full cache: keeps every token (the reference every other policy is compared with)."""
+
+from .base import Policy, register
+
+
+@register
+class Full(Policy):
+    """Keep every token; original positions (the uncompressed baseline)."""
+
+    name = "full"
+
+    def step(self, cache, layer, stats) -> None:
+        return None

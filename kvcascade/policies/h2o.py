@@ -1,0 +1,36 @@
+"""H2O (Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of LLMs", arXiv 2306.14048).
+
+Each KV head keeps its ``budget * recent_ratio`` most recent tokens plus the "heavy hitters": the tokens with
+the largest attention mass accumulated over all queries so far. Scores are per KV head (summed over the
+query heads that share it). The paper evicts one token per generated token; with chunked prefill we evict
+after each chunk, scoring with the accumulated mass of every query seen so far (the usual prefill variant).
+Original positions.
+"""
+
+from .base import Policy, keep_indices, recent_mask, register
+
+
+@register
+class H2O(Policy):
+    """Heavy hitters (accumulated attention) + recent tokens, per KV head (H2O, arXiv 2306.14048)."""
+
+    name = "h2o"
+    PARAMS = {"budget": 2048, "recent_ratio": 0.5}
+    DOCS = {"budget": "tokens kept per layer and KV head",
+            "recent_ratio": "share of the budget reserved for the most recent tokens (paper: 0.5)"}
+    needs_mass = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.recent_ratio <= 1.0:
+            from ..errors import KVCascadeError
+
+            raise KVCascadeError(f"policy 'h2o': recent_ratio must be in [0, 1], got {self.recent_ratio}")
+
+    def step(self, cache, layer, stats) -> None:
+        layer.score += stats.mass
+        n = len(layer)
+        if n <= self.budget:
+            return
+        recent = int(self.budget * self.recent_ratio)
+        layer.compact(keep_indices(layer.score, self.budget, recent_mask(n, recent, layer.score.device)))

@@ -1,0 +1,28 @@
+"""StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", arXiv 2309.17453).
+
+Keep the first ``sinks`` tokens (attention sinks) and the most recent ``budget - sinks``; positions are
+assigned by slot (in-cache positions), which lets the model run past its trained window.
+"""
+
+import torch
+
+from .base import Policy, register
+
+
+@register
+class Streaming(Policy):
+    """Attention sinks + recent window, in-cache positions (StreamingLLM, arXiv 2309.17453)."""
+
+    name = "streaming"
+    position_mode = "cache"
+    PARAMS = {"budget": 2048, "sinks": 4}
+    DOCS = {"budget": "tokens kept per layer and KV head (sinks included)",
+            "sinks": "first tokens kept forever (paper: 4)"}
+
+    def step(self, cache, layer, stats) -> None:
+        n = len(layer)
+        if n <= self.budget:
+            return
+        recent = self.budget - self.sinks
+        idx = torch.cat([torch.arange(self.sinks), torch.arange(n - recent, n)]).to(layer.keys.device)
+        layer.compact(idx)

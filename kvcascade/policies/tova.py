@@ -1,0 +1,24 @@
+"""TOVA (Oren et al., "Transformers are Multi-State RNNs", arXiv 2401.06104).
+
+When the layer is over budget, evict the tokens with the lowest attention weight from the *current* query
+(the newest token; for a prompt chunk, the chunk's last token), averaged over all heads of the layer, so the
+decision is shared by the heads of a layer. No accumulation across steps. Original positions.
+"""
+
+from .base import Policy, keep_indices, register
+
+
+@register
+class TOVA(Policy):
+    """Keep the tokens the newest query attends to most, averaged over heads (TOVA, arXiv 2401.06104)."""
+
+    name = "tova"
+    PARAMS = {"budget": 2048}
+    DOCS = {"budget": "tokens kept per layer (all heads keep the same tokens)"}
+    obs_window = 1
+
+    def step(self, cache, layer, stats) -> None:
+        if len(layer) <= self.budget:
+            return
+        score = stats.obs.mean(dim=1, keepdim=True) / stats.group  # [B, 1, N]
+        layer.compact(keep_indices(score, self.budget))

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs kvcascade with its models and test tools. CPU machines get torch 2.13.0 (CPU build) unless a torch
+# is already importable; a GPU machine keeps the torch it has.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  "$PY" -m pip install -q torch==2.13.0
+fi
+"$PY" -m pip install -q -e ".[qwen,gemma,plot,test]"

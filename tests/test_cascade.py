@@ -1,0 +1,185 @@
+"""The cascade policy: vectorised insertion against a plain per-token simulation of the paper's rule,
+its invariants, the EMA formula, and its reductions to StreamingLLM and to the full cache."""
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcascade import make_policy
+from kvcascade.cache import AttnStats, CompressedCache
+from kvcascade.policies.cascade import segment_last_argmax
+
+from .conftest import reference_logits, run_chunks, tiny_model
+
+MODEL = tiny_model("llama", layers=2)
+
+
+class Simulator:
+    """The paper's insertion rule, one token at a time, on plain Python lists (one head)."""
+
+    def __init__(self, sinks, cascades, window, every, eager, rule):
+        self.S, self.C, self.W, self.every, self.eager, self.rule = sinks, cascades, window, every, eager, rule
+        self.sinks, self.casc, self.score = [], [[] for _ in range(cascades)], {}
+        self.origin = {}  # token -> cascade it currently sits in
+
+    def insert(self, pos):
+        if len(self.sinks) < self.S:
+            self.sinks.append(pos)
+            return
+        t = pos - self.S
+        carry = pos
+        for i in range(self.C):
+            due = t % self.every(i) == 0 or (self.eager and t < self.C * self.W)
+            if due:
+                if len(self.casc[i]) < self.W:
+                    self.casc[i].append(carry)
+                    return
+                old = self.casc[i].pop(0)
+                self.casc[i].append(carry)
+                carry = old
+            else:
+                if not self.casc[i]:
+                    self.casc[i].append(carry)
+                elif self.rule == "ema" and self.score[carry] >= self.score[self.casc[i][-1]]:
+                    self.casc[i][-1] = carry
+                return
+
+    def kept(self):
+        return self.sinks + [p for i in reversed(range(self.C)) for p in self.casc[i]]
+
+
+def drive(policy, strides, seed, heads=1):
+    """Feed strides of random attention mass straight into the policy; compare with the simulator."""
+    rng = torch.Generator().manual_seed(seed)
+    cache = CompressedCache(MODEL, policy)
+    layer = cache.layers[0]
+    sims = [Simulator(policy.sinks, policy.cascades, policy.window, policy.every, policy.eager_fill, policy.rule)
+            for _ in range(heads)]
+    raw = [{} for _ in range(heads)]
+    for c in strides:
+        k = torch.zeros(1, heads, c, 16)
+        layer.append(k, k)
+        mass = torch.rand(1, heads, len(layer), generator=rng)
+        mass[mass < 0.3] = 0.5  # plenty of exact ties, to pin down the tie rule
+        before = layer.pos.clone()
+        decay = policy.beta ** c
+        for h in range(heads):
+            for j, p in enumerate(before[0, h].tolist()):
+                raw[h][p] = raw[h].get(p, 0.0) * decay + float(mass[0, h, j])
+                sims[h].score[p] = raw[h][p]
+        if policy.head_reduction == "mean":  # the simulator of head 0 sees the mean score
+            for p in before[0, 0].tolist():
+                sims[0].score[p] = sum(raw[h][p] for h in range(heads)) / heads
+        policy.step(cache, layer, AttnStats(mass, None, c, 1, "prefill", True))
+        for h, sim in enumerate(sims if policy.head_reduction == "none" else sims[:1]):
+            for p in before[0, h].tolist()[len(before[0, h]) - c:]:
+                sim.insert(p)
+            assert layer.pos[0, h].tolist() == sim.kept(), (h, layer.seen)
+            counts = layer.state["counts"]
+            assert counts == [len(x) for x in sim.casc]
+            assert all(n <= policy.window for n in counts)
+        if policy.head_reduction == "mean":
+            assert all(torch.equal(layer.pos[0, h], layer.pos[0, 0]) for h in range(heads))
+        assert len(layer) <= policy.budget
+    return cache
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sinks=st.integers(0, 3), cascades=st.integers(1, 4), window=st.integers(1, 5),
+    strides=st.lists(st.integers(1, 23), min_size=1, max_size=12), seed=st.integers(0, 10_000),
+    rule=st.sampled_from(["ema", "fixed"]), rate=st.sampled_from(["pow2", "pow3"]), eager=st.booleans(),
+    per_head=st.booleans(),
+)
+def test_vectorised_insertion_matches_per_token_rule(sinks, cascades, window, strides, seed, rule, rate, eager,
+                                                     per_head):
+    budget = sinks + cascades * window
+    if budget <= sinks:
+        return
+    policy = make_policy("cascade", budget=budget, sinks=sinks, cascades=cascades, beta=0.9, rule=rule, rate=rate,
+                         eager_fill=eager, head_reduction="none" if per_head else "mean")
+    drive(policy, strides, seed, heads=2)
+
+
+def test_accepted_tokens_come_from_the_previous_cascade():
+    """Track every token's cascade over time: a token only ever moves from cascade i to i + 1."""
+    policy = make_policy("cascade", budget=3 + 3 * 4, sinks=3, cascades=3, beta=0.9)
+    cache = CompressedCache(MODEL, policy)
+    layer = cache.layers[0]
+    where = {}
+    rng = random.Random(0)
+    for _ in range(40):
+        c = rng.randint(1, 6)
+        k = torch.zeros(1, 1, c, 16)
+        layer.append(k, k)
+        policy.step(cache, layer, AttnStats(torch.rand(1, 1, len(layer)), None, c, 1, "prefill", True))
+        counts = layer.state["counts"]
+        pos = layer.pos[0, 0].tolist()[min(3, layer.seen):]
+        now = {}
+        off = 0
+        for i in reversed(range(3)):
+            for p in pos[off:off + counts[i]]:
+                now[p] = i
+            off += counts[i]
+        for p, i in now.items():
+            if p in where:
+                assert i in (where[p], where[p] + 1), (p, where[p], i)
+        where = now
+
+
+def test_ema_follows_the_formula():
+    """beta = 0.5, old score 0.2, two queries giving 0.6 then 0.3: sequential EMA gives 0.4 then 0.35."""
+    policy = make_policy("cascade", budget=9, sinks=1, cascades=2, beta=0.5)
+    w = policy.query_weights(2, "cpu")
+    assert w.tolist() == pytest.approx([0.25, 0.5])
+    cache = CompressedCache(MODEL, policy)
+    layer = cache.layers[0]
+    k = torch.zeros(1, 1, 2, 16)
+    layer.append(k, k)
+    layer.score[:] = torch.tensor([[[0.2, 0.0]]])
+    p = torch.tensor([[[0.6, 0.0], [0.3, 1.0]]])  # [B, query, key]: probabilities of the two queries
+    mass = torch.einsum("bqn,q->bn", p, w).unsqueeze(1)
+    policy.step(cache, layer, AttnStats(mass, None, 2, 1, "prefill", True))
+    assert layer.score[0, 0].tolist() == pytest.approx([0.35, 0.5])
+
+
+def test_segment_last_argmax():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 0.0, 2.0, 2.0]])
+    gid = torch.tensor([0, 0, 0, 1, 2, 2])
+    assert segment_last_argmax(scores, gid, 3).tolist() == [[2, 3, 5]]
+
+
+def test_one_cascade_without_selection_is_streaming(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(4))
+    s_cache = CompressedCache(model, make_policy("streaming", budget=20, sinks=4))
+    c_cache = CompressedCache(model, make_policy("cascade", budget=20, sinks=4, cascades=1))
+    streaming = run_chunks(model, s_cache, ids, 7)
+    cascade = run_chunks(model, c_cache, ids, 7)
+    for a, b in zip(s_cache.layers, c_cache.layers):
+        assert torch.equal(a.pos, b.pos)
+    # same tokens, same positions; the two kernels' float rounding differs (SDPA vs reference)
+    torch.testing.assert_close(cascade, streaming, rtol=1e-5, atol=1e-5)
+
+
+def test_large_budget_is_full(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(5))
+    ref = reference_logits(model, ids)
+    got = run_chunks(model, CompressedCache(model, make_policy("cascade", budget=4 + 4 * 16, cascades=4)), ids, 9)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cascade_spans_longer_history_than_streaming():
+    policy = make_policy("cascade", budget=4 + 4 * 8, sinks=4, cascades=4, beta=0.9)
+    cache = CompressedCache(MODEL, policy)
+    ids = torch.randint(0, 96, (1, 400), generator=torch.Generator().manual_seed(6))
+    run_chunks(MODEL, cache, ids, 16)
+    layer = cache.layers[0]
+    oldest_non_sink = int(layer.pos[0, 0, 4])
+    # a 36-token streaming window reaches back to 364; four cascades of 8 reach ~ 8 * (1 + 2 + 4 + 8) = 120 back
+    assert oldest_non_sink < 400 - 36 - 40
+    assert len(layer) == 36

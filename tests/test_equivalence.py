@@ -1,0 +1,56 @@
+"""First test of every policy: with a budget at least the sequence length it reproduces the full model."""
+
+import pytest
+import torch
+
+from kvcascade import make_policy
+from kvcascade.cache import CompressedCache
+from kvcascade.policies import REGISTRY
+
+from .conftest import reference_logits, run_chunks, tiny_model
+
+SEQ = 40
+NEW = 6
+
+
+def big_budget_policy(name):
+    cls = REGISTRY[name]
+    return make_policy(name, budget=256) if "budget" in cls.PARAMS else make_policy(name)
+
+
+@pytest.mark.parametrize("policy", sorted(REGISTRY))
+@pytest.mark.parametrize("chunk", [1, 7, 16, SEQ])
+def test_prefill_matches_full_model(arch, policy, chunk):
+    model = tiny_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    ref = reference_logits(model, ids)
+    got = run_chunks(model, CompressedCache(model, big_budget_policy(policy)), ids, chunk)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", sorted(REGISTRY))
+def test_decode_matches_full_model(arch, policy):
+    model = tiny_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (1, SEQ + NEW), generator=torch.Generator().manual_seed(2))
+    ref = reference_logits(model, ids)
+    cache = CompressedCache(model, big_budget_policy(policy))
+    got = [run_chunks(model, cache, ids[:, :SEQ], 16)]
+    cache.phase = "decode"
+    with torch.no_grad():
+        for t in range(SEQ, SEQ + NEW):
+            out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, position_ids=cache.next_position_ids(1),
+                        use_cache=True)
+            got.append(out.logits)
+    torch.testing.assert_close(torch.cat(got, dim=1), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_fallback_attention_without_our_cache(arch):
+    """A model switched to kvcascade attention still computes plain causal attention with no cache."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    ref = reference_logits(model, ids)
+    model.set_attn_implementation("eager")
+    CompressedCache(model, make_policy("full"))  # installs the kvcascade attention
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

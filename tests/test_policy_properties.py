@@ -1,0 +1,141 @@
+"""Property tests of every policy's invariants, driven through a tiny real-architecture model."""
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvcascade import make_policy
+from kvcascade.cache import CompressedCache
+from kvcascade.policies import REGISTRY
+
+from .conftest import tiny_model
+
+BUDGETED = sorted(n for n, c in REGISTRY.items() if "budget" in c.PARAMS)
+MODEL = tiny_model("llama", layers=2)
+GEMMA = tiny_model("gemma3", layers=3)
+
+
+def policy_for(name, budget):
+    extra = {}
+    if name in ("snapkv", "pyramidkv"):
+        extra["window"] = max(1, budget // 4)
+    if name == "streaming":
+        extra["sinks"] = min(4, budget - 1)
+    return make_policy(name, budget=budget, **extra)
+
+
+def feed(model, cache, ids, chunks, decode):
+    """Feed the prompt in the given chunk sizes, then ``decode`` single tokens; yield after each call."""
+    pos = 0
+    n = len(ids)
+    with torch.no_grad():
+        sizes = list(chunks)
+        while pos < n:
+            c = sizes.pop(0) if sizes else 3
+            part = torch.tensor([ids[pos:pos + c]])
+            pos += part.shape[1]
+            cache.phase = "prefill"
+            cache.final_chunk = pos >= n
+            model(input_ids=part, past_key_values=cache, position_ids=cache.next_position_ids(part.shape[1]))
+            yield "prefill", cache.final_chunk
+        cache.phase = "decode"
+        for t in range(decode):
+            part = torch.tensor([[ids[t % n]]])
+            model(input_ids=part, past_key_values=cache, position_ids=cache.next_position_ids(1))
+            yield "decode", True
+
+
+def check_invariants(cache, policy, phase, final):
+    for layer in cache.layers:
+        n = len(layer)
+        if n == 0:
+            continue
+        # kept tokens' original positions strictly increase, per head
+        assert bool((layer.pos[..., 1:] > layer.pos[..., :-1]).all())
+        assert int(layer.pos.max()) < layer.seen
+        assert layer.keys.shape[2] == layer.values.shape[2] == layer.pos.shape[2] == layer.score.shape[2] == n
+        if layer.is_sliding:
+            assert n <= layer.window - 1
+            continue
+        budget = policy.layer_budget(layer.idx, cache.num_layers)
+        grows_in_prefill = policy.name in ("snapkv", "pyramidkv") and not policy.chunked
+        if not (grows_in_prefill and phase == "prefill" and not final):
+            assert n <= budget, (policy, n, budget)
+        sinks = getattr(policy, "sinks", 0)
+        if sinks and layer.seen >= sinks:
+            assert bool((layer.pos[..., :sinks] == torch.arange(sinks)).all())
+    # in-cache positions are contiguous: the next query sits right after the kept tokens
+    ref = cache._reference_layer()
+    expected = len(ref) if policy.position_mode == "cache" else ref.seen
+    assert int(cache.next_position_ids(1)[0, 0]) == expected
+
+
+def snapshot(cache):
+    return [(l.keys.clone(), l.values.clone(), l.pos.clone(), l.score.clone()) for l in cache.layers if len(l)]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(BUDGETED),
+    budget=st.integers(6, 20),
+    length=st.integers(1, 48),
+    chunks=st.lists(st.integers(1, 17), min_size=1, max_size=6),
+    decode=st.integers(0, 6),
+    gemma=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_invariants(name, budget, length, chunks, decode, gemma, seed):
+    model = GEMMA if gemma else MODEL
+    ids = torch.randint(0, 96, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    policy = policy_for(name, budget)
+    cache = CompressedCache(model, policy)
+    for phase, final in feed(model, cache, ids, chunks, decode):
+        check_invariants(cache, policy, phase, final)
+    # same inputs -> same cache
+    again = CompressedCache(model, policy_for(name, budget))
+    for _ in feed(model, again, ids, chunks, decode):
+        pass
+    for a, b in zip(snapshot(cache), snapshot(again)):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+
+
+def test_in_cache_positions_stay_inside_budget():
+    """A prompt far longer than budget + chunk never gets a position past them under streaming."""
+    policy = make_policy("streaming", budget=16, sinks=4)
+    cache = CompressedCache(MODEL, policy)
+    seen_positions = []
+    ids = list(range(90))
+    with torch.no_grad():
+        for s in range(0, 90, 8):
+            part = torch.tensor([ids[s:s + 8]]) % 96
+            p = cache.next_position_ids(part.shape[1])
+            seen_positions.append(int(p.max()))
+            MODEL(input_ids=part, past_key_values=cache, position_ids=p)
+    assert max(seen_positions) < 16 + 8
+    assert cache.layers[0].seen == 90
+    assert cache.layers[0].pos[0, 0].tolist() == [0, 1, 2, 3] + list(range(78, 90))
+
+
+def test_h2o_keeps_heavy_hitters_and_recent():
+    policy = make_policy("h2o", budget=8, recent_ratio=0.5)
+    cache = CompressedCache(MODEL, policy)
+    layer = cache.layers[0]
+    k = torch.zeros(1, 2, 12, 16)
+    layer.append(k, k)
+    mass = torch.zeros(1, 2, 12)
+    mass[:, 0, [1, 3, 5, 7]] = 1.0  # head 0: four heavy hitters among the old tokens
+    mass[:, 1, [0, 2, 4, 6]] = 1.0  # head 1: four others
+    from kvcascade.cache import AttnStats
+
+    policy.step(cache, layer, AttnStats(mass, None, 12, 2, "prefill", True))
+    assert layer.pos[0, 0].tolist() == [1, 3, 5, 7, 8, 9, 10, 11]
+    assert layer.pos[0, 1].tolist() == [0, 2, 4, 6, 8, 9, 10, 11]
+
+
+def test_pyramid_budgets_shrink_and_average_to_budget():
+    p = make_policy("pyramidkv", budget=544, window=32)
+    budgets = [p.prefix_budget(i, 24, n=100_000) for i in range(24)]
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] > budgets[-1]
+    assert abs(sum(budgets) / 24 - 512) < 512 * 0.05
+    assert all(p.layer_budget(i, 24) >= b + 32 for i, b in enumerate(budgets))
