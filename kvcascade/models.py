@@ -117,11 +117,11 @@ def _progress(total: int, desc: str, unit: str = "B"):
 def assemble_gguf(name: str, progress: bool = True) -> Path:
     """Concatenate the chunks of a registered model into one GGUF file and check its sha256."""
     spec = MODELS[name]
-    paths = _chunk_paths(spec)
     target = home() / "gguf" / spec.gguf_name
-    target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_file() and target.stat().st_size == spec.size:
-        return target
+        return target  # assembled before (or copied in by hand); its sha256 was checked when assembled
+    paths = _chunk_paths(spec)
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".part")
     digest = hashlib.sha256()
     bar = _progress(spec.size, f"assembling {spec.gguf_name}") if progress else None

@@ -1,0 +1,73 @@
+"""Streaming perplexity: the text is fed in chunks through a compressed cache; every token is predicted
+from whatever the policy kept. Reported overall and per position bucket, so a curve shows whether quality
+holds as the text grows past the cache and past the model's window.
+
+Default text: the King James Bible from Debian's ``bible-kjv`` package (``bible "Gen1:1-Rev22:21"``).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from ..cache import CompressedCache
+from ..errors import KVCascadeError
+from ..policies import make_policy
+
+
+def kjv_text() -> str:
+    """The whole King James Bible as printed by Debian's ``bible`` command (package ``bible-kjv``)."""
+    if shutil.which("bible") is None:
+        raise KVCascadeError("the default perplexity text needs Debian's bible-kjv package (apt-get install bible-kjv)"
+                             " or pass a text file")
+    return subprocess.run(["bible", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+
+
+@torch.inference_mode()
+def streaming_perplexity(model, tokenizer, text_or_ids, policy="streaming", budget=None, policy_args=None,
+                         chunk_size: int = 512, bucket: int = 8192, max_tokens: int | None = None,
+                         progress: bool = True) -> dict:
+    """Negative log-likelihood of every token given the compressed cache; returns overall and per-bucket
+    perplexity plus the KV peak."""
+    ids = tokenizer(text_or_ids).input_ids if isinstance(text_or_ids, str) else list(text_or_ids)
+    if max_tokens:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise KVCascadeError("perplexity needs a text of at least two tokens")
+    pol = make_policy(policy, budget, **(policy_args or {}))
+    cache = CompressedCache(model, pol)
+    cache.phase = "prefill"
+    device = model.device
+    nll_sum = torch.zeros((len(ids) + bucket - 1) // bucket, dtype=torch.float64)
+    counts = torch.zeros_like(nll_sum)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(ids), desc=f"ppl {pol.name}", unit="tok", unit_scale=True, file=sys.stderr)
+    tokens = torch.tensor(ids, device=device)
+    for start in range(0, len(ids) - 1, chunk_size):
+        chunk = tokens[start:start + chunk_size].view(1, -1)
+        cache.final_chunk = False
+        logits = model(input_ids=chunk, past_key_values=cache, position_ids=cache.next_position_ids(chunk.shape[1], device),
+                       use_cache=True).logits[0].float()
+        targets = tokens[start + 1:start + 1 + chunk.shape[1]]
+        logits = logits[: targets.shape[0]]
+        nll = F.cross_entropy(logits, targets, reduction="none").double().cpu()
+        pos = torch.arange(start + 1, start + 1 + targets.shape[0]) // bucket
+        nll_sum.index_add_(0, pos, nll)
+        counts.index_add_(0, pos, torch.ones_like(nll))
+        if bar is not None:
+            bar.update(chunk.shape[1])
+    if bar is not None:
+        bar.close()
+    keep = counts > 0
+    per_bucket = (nll_sum[keep] / counts[keep]).exp().tolist()
+    return {"policy": pol.name, "params": pol.params(), "tokens": len(ids),
+            "ppl": math.exp(float(nll_sum.sum() / counts.sum())), "bucket": bucket, "ppl_per_bucket": per_bucket,
+            "kv_tokens_peak": cache.kv_tokens_peak(), "kv_bytes_peak": cache.kv_bytes_peak()}
