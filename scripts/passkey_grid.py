@@ -15,18 +15,13 @@ import torch
 
 import kvcascade
 from kvcascade.eval import make_passkey, score_passkey
+from kvcascade.policies import parse_policy_spec
 
 
 def parse_len(s: str) -> int:
     s = s.strip().lower()
     mult = {"k": 1024, "m": 1024 * 1024}.get(s[-1], 1)
     return int(float(s.rstrip("km")) * mult)
-
-
-def parse_policy(spec: str):
-    """'cascade:block=16:cascades=8' -> ('cascade', {'block': '16', 'cascades': '8'})."""
-    name, *args = spec.split(":")
-    return name, dict(a.split("=", 1) for a in args)
 
 
 def main():
@@ -55,7 +50,7 @@ def main():
     policies = a.policies.split(",")
     for length in lengths:
         for pol in policies:
-            name, pargs = parse_policy(pol)
+            name, pargs = parse_policy_spec(pol)
             if name == "full" and length > a.full_max:
                 continue
             for budget in ([None] if name == "full" else budgets):
@@ -86,7 +81,7 @@ def main():
             cells = []
             for L in lengths:
                 rs = [r for r in rows if r["policy"] == pol and r["length"] == L and
-                      (r["budget"] is None if pol == "full" else r["budget"] == budget)]  # noqa: E501
+                      (r["budget"] is None if pol == "full" else r["budget"] == budget)]
                 cells.append(f"{sum(r['score'] for r in rs) / len(rs):.0%} ({len(rs)}) "
                              f"{sum(r['prefill_s'] for r in rs) / len(rs):.1f}s" if rs else "-")
             print(f"| {pol} | " + " | ".join(cells) + " |")

@@ -11,6 +11,7 @@ import torch
 
 import kvcascade
 from kvcascade.eval.ppl import kjv_text, streaming_perplexity
+from kvcascade.policies import parse_policy_spec
 
 
 def main():
@@ -30,8 +31,10 @@ def main():
     rows = []
     for pol in a.policies.split(","):
         t0 = time.time()
-        r = streaming_perplexity(model, tok, ids, policy=pol, budget=a.budget, chunk_size=a.chunk_size,
-                                 max_tokens=a.max_tokens or None)
+        name, pargs = parse_policy_spec(pol)
+        r = streaming_perplexity(model, tok, ids, policy=name, budget=a.budget, policy_args=pargs,
+                                 chunk_size=a.chunk_size, max_tokens=a.max_tokens or None, progress=False)
+        r["spec"] = pol
         r["seconds"] = time.time() - t0
         r["machine"] = (torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU") + f", {model.dtype}"
         rows.append(r)
@@ -42,7 +45,7 @@ def main():
     print("|---|---|---|---|---|---|")
     for r in rows:
         b = r["ppl_per_bucket"]
-        print(f"| {r['policy']} | {r['tokens']:,} | {r['ppl']:.3f} | {b[0]:.3f} | {b[-1]:.3f} | {r['seconds']:.0f} |")
+        print(f"| {r['spec']} | {r['tokens']:,} | {r['ppl']:.3f} | {b[0]:.3f} | {b[-1]:.3f} | {r['seconds']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,15 @@ def make_policy(policy: str | Policy = "streaming", budget: int | None = None, *
     return cls(**params)
 
 
+def parse_policy_spec(spec: str) -> tuple[str, dict]:
+    """``'cascade:block=16:cascades=8'`` -> ``('cascade', {'block': '16', 'cascades': '8'})``."""
+    name, *args = spec.split(":")
+    bad = [a for a in args if "=" not in a]
+    if bad:
+        raise KVCascadeError(f"policy spec '{spec}': expected name:key=value:..., got '{bad[0]}'")
+    return name, dict(a.split("=", 1) for a in args)
+
+
 def describe_policies() -> list[dict]:
     return [
         {"name": name, "summary": (cls.__doc__ or "").strip().splitlines()[0], "position_mode": cls.position_mode,
