@@ -7,8 +7,7 @@ Storage, per layer (``B`` batch, ``H`` KV heads, ``N`` kept tokens, ``D`` head d
 * ``values`` ``[B, H, N, D]``;
 * ``pos``    ``[B, H, N]`` original position of every kept token, increasing along ``N``;
 * ``score``  ``[B, H, N]`` float32, the policy's per-token score (accumulated mass, EMA, ...);
-* ``extra``  further per-token tensors a policy keeps (compacted together with the rest);
-* ``state``  per-layer policy state that is not per token.
+* ``state``  per-layer policy state that is not per token (e.g. the cascade's slot counts).
 
 Tokens of each (batch, head) are kept sorted by original position; a token's *in-cache position* is its
 slot index. Different heads may keep different tokens (per-head policies), always the same count.
@@ -78,7 +77,6 @@ class LayerCache:
         self.values: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
         self.score: torch.Tensor | None = None
-        self.extra: dict[str, torch.Tensor] = {}
         self.state: dict = {}
         self.seen = 0  # tokens this layer has received so far
         self.peak_tokens = 0
@@ -110,9 +108,6 @@ class LayerCache:
             self.values = torch.cat([self.values, v], dim=2)
             self.pos = torch.cat([self.pos, pos], dim=2)
             self.score = torch.cat([self.score, score], dim=2)
-        for name, t in self.extra.items():
-            fill = torch.zeros(B, H, C, device=t.device, dtype=t.dtype)
-            self.extra[name] = torch.cat([t, fill], dim=2)
         self.seen += C
 
     def compact(self, idx: torch.Tensor) -> None:
@@ -125,7 +120,6 @@ class LayerCache:
             self.values = self.values[:, :, idx]
             self.pos = self.pos[:, :, idx]
             self.score = self.score[:, :, idx]
-            self.extra = {k: t[:, :, idx] for k, t in self.extra.items()}
             return
         idx = idx.expand(B, H, idx.shape[-1])
         idx4 = idx.unsqueeze(-1).expand(B, H, idx.shape[-1], D)
@@ -133,7 +127,6 @@ class LayerCache:
         self.values = torch.gather(self.values, 2, idx4)
         self.pos = torch.gather(self.pos, 2, idx)
         self.score = torch.gather(self.score, 2, idx)
-        self.extra = {k: torch.gather(t, 2, idx) for k, t in self.extra.items()}
 
     def keep_last(self, n: int) -> None:
         if len(self) > n:
@@ -159,8 +152,8 @@ class _Rotary:
 
 
 def _text_config(model):
-    cfg = model.config
-    return getattr(cfg, "text_config", None) or cfg if cfg.model_type == "gemma3" else cfg
+    """The language model's config (a multimodal Gemma3 config nests it as ``text_config``)."""
+    return getattr(model.config, "text_config", None) or model.config
 
 
 def _layer_windows(config) -> list[int | None]:
@@ -268,8 +261,7 @@ class CompressedCache(Cache):
             return pos.expand(layer.pos.shape[0], layer.pos.shape[1], -1)
         return q_pos0 - (layer.seen - layer.pos)
 
-    def attend(self, layer_idx: int, query, key_new, value_new, *, scaling, softcap=None, position_ids=None,
-               window=None):
+    def attend(self, layer_idx: int, query, key_new, value_new, *, scaling, softcap=None, position_ids=None):
         layer = self.layers[layer_idx]
         B, H, C, D = key_new.shape
         if position_ids is None:
@@ -325,7 +317,7 @@ def kvcascade_attention(module, query, key, value, attention_mask, scaling=None,
     if item is not None and item[1] == module.layer_idx and item[2] is key:
         cache = item[0]
         out = cache.attend(module.layer_idx, query, key, value, scaling=scaling, softcap=softcap,
-                           position_ids=kwargs.get("position_ids"), window=sliding_window)
+                           position_ids=kwargs.get("position_ids"))
     else:
         if attention_mask is not None and attention_mask.dtype == torch.bool and not attention_mask.all():
             raise KVCascadeError("kvcascade attention does not take padding masks; run prompts one at a time")
