@@ -21,7 +21,7 @@ case "$1" in
       --samples "${SAMPLES:-10}" --policies "${POLICIES:-full,streaming,cascade}" --out "$OUT/passkey_long_gpu.jsonl" ;;
   variants)
     python3 scripts/passkey_grid.py --device cuda --lengths "${LENGTHS:-4k,16k}" --budgets "${BUDGETS:-2048,8192}" \
-      --samples "${SAMPLES:-10}" --policies "$POLICIES" --out "$OUT/passkey_variants_gpu.jsonl" ;;
+      --samples "${SAMPLES:-10}" --policies "$POLICIES" ${DEPTH:+--depth $DEPTH} --out "$OUT/${NAME:-passkey_variants_gpu}.jsonl" ;;
   ppl)
     python3 scripts/ppl.py --device cuda --text .data/kjv.txt --budget 8192 --policies "${POLICIES:-cascade,streaming,window}" \
       --max-tokens "${MAX_TOKENS:-0}" --out "$OUT/ppl_kjv_gpu.json" ;;

@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--model", default=kvcascade.DEFAULT_MODEL)
     ap.add_argument("--lengths", default="4k")
     ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--depth", type=float, default=None, help="fixed depth for every sample (default: spread)")
     ap.add_argument("--budgets", default="512,2048")
     ap.add_argument("--policies", default="full,window,streaming,h2o,tova,snapkv,pyramidkv,cascade")
     ap.add_argument("--full-max", type=parse_len, default=32768, help="longest prompt given to `full`")
@@ -57,7 +58,7 @@ def main():
                 for i in range(a.samples):
                     if (pol, budget, length, i) in done:
                         continue
-                    depth = (i + 0.5) / a.samples
+                    depth = (i + 0.5) / a.samples if a.depth is None else a.depth
                     s = make_passkey(tok, length, depth, seed=i)
                     t0 = time.time()
                     r = kvcascade.generate(model, tok, s.prompt, policy=name, budget=budget, policy_args=pargs,
