@@ -91,29 +91,40 @@ def _sync(device) -> None:
 
 
 @torch.inference_mode()
-def prefill(model, cache: CompressedCache, ids: list[int], chunk_size: int, progress: bool = False,
-            desc: str = "prefill") -> torch.Tensor:
-    """Feed ``ids`` through ``model`` in chunks; return the logits of the last token."""
+def iter_prefill(model, cache: CompressedCache, ids: list[int], chunk_size: int, *, all_logits: bool = False,
+                 progress: bool = False, desc: str = "prefill"):
+    """Feed ``ids`` through ``model`` in chunks under ``cache``; yield ``(start, logits)`` per chunk.
+
+    ``logits`` is ``[C, vocab]`` for every token of the chunk with ``all_logits`` (perplexity), else ``[1, vocab]``
+    for its last token. The cache is told which chunk is the prompt's last (SnapKV compresses there).
+    """
     device = model.device
     bar = None
-    n_chunks = (len(ids) + chunk_size - 1) // chunk_size
-    if progress and n_chunks > 1:
+    if progress and len(ids) > chunk_size:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(ids), desc=desc, unit="tok", unit_scale=True, file=sys.stderr, leave=False)
-    logits = None
     cache.phase = "prefill"
+    tokens = torch.tensor(ids, device=device)
     for start in range(0, len(ids), chunk_size):
-        chunk = torch.tensor([ids[start:start + chunk_size]], device=device)
+        chunk = tokens[start:start + chunk_size].view(1, -1)
         cache.final_chunk = start + chunk_size >= len(ids)
         out = model(input_ids=chunk, past_key_values=cache, position_ids=cache.next_position_ids(chunk.shape[1], device),
-                    use_cache=True, logits_to_keep=1)
-        logits = out.logits[0, -1]
+                    use_cache=True, logits_to_keep=0 if all_logits else 1)
         if bar is not None:
             bar.update(chunk.shape[1])
+        yield start, out.logits[0]
     if bar is not None:
         bar.close()
-    return logits
+
+
+def prefill(model, cache: CompressedCache, ids: list[int], chunk_size: int, progress: bool = False,
+            desc: str = "prefill") -> torch.Tensor:
+    """Feed ``ids`` through ``model`` in chunks; return the logits of the last token."""
+    logits = None
+    for _, logits in iter_prefill(model, cache, ids, chunk_size, progress=progress, desc=desc):
+        pass
+    return logits[-1]
 
 
 def _generate_one(model, tokenizer, prompt, policy: Policy, max_new_tokens: int, chunk_size: int,

@@ -2,6 +2,9 @@
 from whatever the policy kept. Reported overall and per position bucket, so a curve shows whether quality
 holds as the text grows past the cache and past the model's window.
 
+SnapKV and PyramidKV compress only at the end of a prompt, so here (where every chunk is scored as it
+comes) they compress only with ``chunked=true``.
+
 Default text: the King James Bible from Debian's ``bible-kjv`` package (``bible "Gen1:1-Rev22:21"``).
 """
 
@@ -10,12 +13,12 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
-import sys
 
 import torch
 import torch.nn.functional as F
 
 from ..cache import CompressedCache
+from ..engine import iter_prefill
 from ..errors import KVCascadeError
 from ..policies import make_policy
 
@@ -41,31 +44,17 @@ def streaming_perplexity(model, tokenizer, text_or_ids, policy="streaming", budg
         raise KVCascadeError("perplexity needs a text of at least two tokens")
     pol = make_policy(policy, budget, **(policy_args or {}))
     cache = CompressedCache(model, pol)
-    cache.phase = "prefill"
-    device = model.device
     nll_sum = torch.zeros((len(ids) + bucket - 1) // bucket, dtype=torch.float64)
     counts = torch.zeros_like(nll_sum)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(ids), desc=f"ppl {pol.name}", unit="tok", unit_scale=True, file=sys.stderr)
-    tokens = torch.tensor(ids, device=device)
-    for start in range(0, len(ids) - 1, chunk_size):
-        chunk = tokens[start:start + chunk_size].view(1, -1)
-        cache.final_chunk = False
-        logits = model(input_ids=chunk, past_key_values=cache, position_ids=cache.next_position_ids(chunk.shape[1], device),
-                       use_cache=True).logits[0].float()
-        targets = tokens[start + 1:start + 1 + chunk.shape[1]]
-        logits = logits[: targets.shape[0]]
-        nll = F.cross_entropy(logits, targets, reduction="none").double().cpu()
+    targets_all = torch.tensor(ids[1:], device=model.device)
+    # the last token is only a target, never an input
+    for start, logits in iter_prefill(model, cache, ids[:-1], chunk_size, all_logits=True, progress=progress,
+                                      desc=f"ppl {pol.name}"):
+        targets = targets_all[start:start + logits.shape[0]]
+        nll = F.cross_entropy(logits.float(), targets, reduction="none").double().cpu()
         pos = torch.arange(start + 1, start + 1 + targets.shape[0]) // bucket
         nll_sum.index_add_(0, pos, nll)
         counts.index_add_(0, pos, torch.ones_like(nll))
-        if bar is not None:
-            bar.update(chunk.shape[1])
-    if bar is not None:
-        bar.close()
     keep = counts > 0
     per_bucket = (nll_sum[keep] / counts[keep]).exp().tolist()
     return {"policy": pol.name, "params": pol.params(), "tokens": len(ids),

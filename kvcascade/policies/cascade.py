@@ -72,7 +72,7 @@ class Cascade(Policy):
               "head_reduction": "mean", "eager_fill": True, "block": 1}
     DOCS = {"budget": "tokens kept per layer and KV head (sinks included)",
             "sinks": "first tokens kept forever",
-            "cascades": "number of sub-caches; each holds (budget - sinks) // cascades tokens",
+            "cascades": "number of sub-caches; each holds (budget - sinks - block + 1) // (cascades * block) units",
             "beta": "EMA factor of the attention score (per query)",
             "rule": "ema (v2/v3: compare EMA scores) or fixed (v1: drop tokens offered when not due)",
             "rate": "pow2 (cascade i due every 2**i tokens) or pow3, pow4",
