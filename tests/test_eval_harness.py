@@ -1,0 +1,174 @@
+"""RULER-style task generators, scorers, and the eval runner (resume, report) on a tiny model."""
+
+import json
+
+import pytest
+
+from kvcascade.cli import main as cli_main
+from kvcascade.errors import KVCascadeError
+from kvcascade.eval import make_sample, score, string_match_all
+from kvcascade.eval.runner import Grid, parse_length, read_rows, run_grid
+from kvcascade.eval.tasks import RULER, TASKS, string_match_part
+
+from .conftest import make_tiny_tokenizer
+
+PROSE = ("In the beginning the river ran north, and the hills were green; the people built their houses by the water. "
+         "They planted barley and figs: the harvest was good, and the elders counted the sheaves. ") * 20
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+NEEDLE_TASKS = ["passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
+                "niah_single:haystack=prose:value=uuid"]
+
+
+@pytest.mark.parametrize("task", NEEDLE_TASKS)
+@pytest.mark.parametrize("length,depth", [(2048, 0.0), (3000, 0.25), (4096, 0.5), (6000, 0.9), (8192, 1.0)])
+def test_needle_at_requested_length_and_depth(tok, task, length, depth):
+    s = make_sample(task, tok, length, depth, seed=7, prose=PROSE)
+    assert abs(s.tokens - length) <= 0.01 * length
+    start, end = s.meta.get("haystack_start"), s.meta.get("haystack_end")
+    if start is None:  # passkey keeps its meta in the same place
+        start, end = s.meta["haystack_start"], s.meta["haystack_end"]
+    expected = start + depth * (end - start)
+    assert abs(s.needle_token - expected) <= 0.01 * length, (s.needle_token, expected)
+    assert all(a in s.prompt for a in s.answers)
+    assert make_sample(task, tok, length, depth, seed=7, prose=PROSE).prompt == s.prompt  # deterministic
+    assert make_sample(task, tok, length, depth, seed=8, prose=PROSE).answers != s.answers  # seed matters
+
+
+@pytest.mark.parametrize("task", ["vt", "cwe", "fwe"])
+@pytest.mark.parametrize("length", [1024, 4096, 16384])
+def test_other_tasks_length_and_answers(tok, task, length):
+    s = make_sample(task, tok, length, seed=3)
+    assert abs(s.tokens - length) <= 0.01 * length
+    assert s.depth is None and s.answers
+    body = s.prompt
+    if task == "vt":
+        assert len(s.answers) == 5 and all(f"VAR {v} =" in body for v in s.answers)
+    if task == "cwe":  # each common word appears more often than any other word
+        items = [w for w in body.split() if w.isalpha() and w.islower() and len(w) == 6]
+        from collections import Counter
+
+        c = Counter(items)
+        least_common = min(c[a] for a in s.answers)
+        others = max(v for w, v in c.items() if w not in s.answers)
+        assert least_common > others
+    if task == "fwe":
+        from collections import Counter
+
+        words = [w for w in body.split() if len(w) == 5 and w.isalpha() and w.islower()]
+        top = [w for w, _ in Counter(words).most_common(len(s.answers))]
+        assert set(top) == set(s.answers)
+    assert make_sample(task, tok, length, seed=3).prompt == s.prompt
+
+
+def test_multi_needle_tasks_have_distractors_and_all_answers(tok):
+    mk = make_sample("niah_multikey", tok, 4096, 0.5, seed=1, prose=PROSE)
+    assert len(mk.answers) == 1 and mk.prompt.count("One of the special magic numbers for") == 4
+    mv = make_sample("niah_multivalue", tok, 4096, 0.5, seed=1, prose=PROSE)
+    assert len(mv.answers) == 4 and len(set(mv.answers)) == 4
+    mq = make_sample("niah_multiquery", tok, 4096, 0.5, seed=1, prose=PROSE)
+    assert len(mq.answers) == 4 and mq.prompt.rstrip().endswith("are") and " and " in mq.prompt[-200:]
+    u = make_sample("niah_single:value=uuid", tok, 2048, 0.5, seed=1)
+    assert len(u.answers[0]) == 36 and u.answers[0].count("-") == 4
+
+
+def test_ruler_scorers_on_crafted_answers():
+    assert string_match_all("The numbers are 1234567 and 7654321.", ["1234567", "7654321"]) == 1.0
+    assert string_match_all("The number is 1234567.", ["1234567", "7654321"]) == 0.5
+    assert string_match_all("nothing", ["1234567"]) == 0.0
+    assert string_match_all("ABCDE, fghij", ["abcde", "FGHIJ"]) == 1.0  # case-insensitive, as RULER
+    assert string_match_part("it is 42", ["7", "42"]) == 1.0 and string_match_part("x", ["7"]) == 0.0
+    assert score("first_number", " 12345 then 999", ["12345"]) == 1.0
+    assert score("first_number", " 999 then 12345", ["12345"]) == 0.0
+
+
+def test_bad_task_inputs(tok):
+    with pytest.raises(KVCascadeError, match="unknown task"):
+        make_sample("nope", tok, 1024)
+    with pytest.raises(KVCascadeError, match="depth"):
+        make_sample("passkey", tok, 1024, 1.5)
+    with pytest.raises(KVCascadeError, match="haystack"):
+        make_sample("niah_single:haystack=lava", tok, 1024)
+    with pytest.raises(KVCascadeError, match="bad option"):
+        make_sample("niah_single:colour=red", tok, 1024)
+    with pytest.raises(KVCascadeError, match="too short"):
+        make_sample("niah_multikey", tok, 60, 0.5, prose=PROSE)
+    assert parse_length("4k") == 4096 and parse_length("1m") == 2**20 and parse_length("all") == 0
+    with pytest.raises(KVCascadeError):
+        parse_length("lots")
+    assert set(RULER) < set(TASKS)
+
+
+def _tiny(tiny_model_dir):
+    import kvcascade
+
+    return kvcascade.load_model(str(tiny_model_dir), device="cpu", progress=False)
+
+
+def test_runner_resumes_and_reports(tiny_model_dir, tmp_path):
+    model, tok = _tiny(tiny_model_dir)
+    grid = Grid(tasks=["passkey", "vt", "ppl"], policies=["full", "streaming", "cascade:cascades=2"], budgets=[48],
+                lengths=[128, 256], samples=2, chunk_size=32, ppl_bucket=64)
+    out = tmp_path / "ev"
+    rows = run_grid(model, tok, grid, out, model_name="tiny", ppl_text=PROSE, progress=False)
+    # passkey, vt: 2 lengths x (full + 2 budgeted) x 2 samples; ppl: 2 lengths x 3
+    assert len(rows) == 2 * 2 * 3 * 2 + 2 * 3
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows if r["task"] != "ppl")
+    for r in rows:
+        assert r["kv_bytes_peak"] > 0 and r["seconds"] > 0 and "peak_rss_bytes" in r
+        if r["policy"] != "full" and r["task"] != "ppl":
+            assert r["kv_tokens_peak"] <= 48 + 32
+    # same prompts for every policy: same expected answers per (task, length, depth, sample)
+    by = {}
+    for r in rows:
+        if r["task"] != "ppl":
+            by.setdefault((r["task"], r["length"], r["depth"], r["sample"]), set()).add(tuple(r["answers"]))
+    assert all(len(v) == 1 for v in by.values())
+    files = sorted(p.name for p in out.iterdir())
+    assert "summary.md" in files and "passkey_depth_heatmap_b48.png" in files and "ppl_vs_position.png" in files
+    summary = (out / "summary.md").read_text()
+    assert "## passkey" in summary and "| cascade:cascades=2 |" in summary and "## ppl" in summary
+    # resume: nothing new to do; drop one row and only that one runs again
+    lines = (out / "results.jsonl").read_text().splitlines()
+    again = run_grid(model, tok, grid, out, model_name="tiny", ppl_text=PROSE, progress=False)
+    assert len(again) == len(rows)
+    (out / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    again = run_grid(model, tok, grid, out, model_name="tiny", ppl_text=PROSE, progress=False, report=False)
+    assert len(again) == len(rows)
+    assert json.loads(lines[-1])["score"] == pytest.approx(again[-1]["score"])  # same prompt, same answer
+    # report rebuilds from the folder alone
+    (out / "summary.md").unlink()
+    assert cli_main(["report", str(out)]) == 0 and (out / "summary.md").read_text() == summary
+
+
+def test_eval_cli(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = cli_main(["eval", "passkey,niah_single", "--model", str(tiny_model_dir), "--policies", "streaming,tova",
+                   "--budgets", "40", "--lengths", "128", "--samples", "2", "--chunk-size", "32", "--quiet",
+                   "--out", str(out)])
+    assert rc == 0
+    assert len(read_rows(out)) == 8
+    assert "## niah_single" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["eval", "nosuchtask"], "unknown task"),
+    (["eval", "passkey", "--policies", "nosuch"], "unknown policy"),
+    (["eval", "passkey", "--budgets", "big"], "bad --budgets"),
+    (["eval", "passkey", "--lengths", "lots"], "bad length"),
+    (["eval", "passkey", "--depths", "2"], "depth must be in"),
+    (["eval", "passkey", "--samples", "0"], "samples must be"),
+    (["eval", "passkey", "--lengths", "all"], "ppl task only"),
+    (["eval", "ppl", "--text", "/nonexistent.txt", "--policies", "full"], "cannot read text file"),
+    (["eval", "passkey", "--policies", "streaming", "--budgets", "2"], "sink"),
+    (["report", "/nonexistent-dir"], "is not a folder"),
+])
+def test_eval_cli_errors(argv, msg, capsys):
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvcascade: error:") and msg in err[0], err
