@@ -237,7 +237,9 @@ class CompressedCache(Cache):
 
     def next_position_ids(self, n: int, device=None) -> torch.Tensor:
         start = self.get_seq_length()
-        return torch.arange(start, start + n, device=device).unsqueeze(0)
+        ids = torch.arange(start, start + n, device=device).unsqueeze(0)
+        self._last_ids = (ids, start)  # attend() reads the first position from here: no device-to-host copy
+        return ids
 
     # -- memory accounting --------------------------------------------------------------------------------
     def kv_tokens(self) -> int:
@@ -271,7 +273,9 @@ class CompressedCache(Cache):
         k_store = unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1))
         n_cached = len(layer)
         if n_cached:
-            rot_pos = self._key_positions(layer, int(q_pos[0]), n_cached, query.device)
+            last = getattr(self, "_last_ids", None)
+            q0 = last[1] if last is not None and last[0] is position_ids else int(q_pos[0])
+            rot_pos = self._key_positions(layer, q0, n_cached, query.device)
             cos_c, sin_c = self.rotary(layer_idx, rot_pos.reshape(B, -1), key_new)
             k_cached = apply_rope(layer.keys, cos_c.view(B, H, n_cached, D), sin_c.view(B, H, n_cached, D))
             k_all = torch.cat([k_cached, key_new], dim=2)

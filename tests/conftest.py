@@ -6,6 +6,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():  # Triton kernels (where triton is installed) run in its CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma3"]

@@ -9,10 +9,19 @@ policy asked for:
   ``obs_window`` queries only (SnapKV, TOVA);
 * per-key mass of every query needed (H2O, the cascade's EMA): the reference.
 
+On CUDA (with triton installed, no logit softcap, head dim 16..256 a power of two) everything goes to the
+Triton kernels of :mod:`kvcascade.kernels.triton_attention` instead: ``chunk_attention`` for prompt chunks,
+``decode_attention`` (split-K) for up to ``DECODE_MAX_QUERIES`` queries. ``KVCASCADE_KERNELS=reference``
+forces the PyTorch paths (``triton`` forces Triton and fails loudly where it cannot run).
+
 Tests compare every path with the reference on random inputs.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +59,40 @@ def _obs_only(q, k, v, *, scaling, softcap, q_orig, k_orig, window, obs_window):
     return out, None, obs
 
 
+DECODE_MAX_QUERIES = 16
+
+
+@functools.lru_cache(maxsize=1)
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backend_for(q, softcap=None) -> str:
+    """``"triton"`` or ``"reference"``: what :func:`attention_with_scores` will run for these inputs."""
+    choice = os.environ.get("KVCASCADE_KERNELS", "auto")
+    if choice not in ("auto", "reference", "triton"):
+        from ..errors import KVCascadeError
+
+        raise KVCascadeError(f"KVCASCADE_KERNELS must be auto, reference or triton, got '{choice}'")
+    if choice == "reference":
+        return "reference"
+    ok = q.is_cuda and _have_triton() and softcap is None and q.shape[-1] in (16, 32, 64, 128, 256)
+    if choice == "triton" and not ok:
+        from ..errors import KVCascadeError
+
+        raise KVCascadeError("KVCASCADE_KERNELS=triton needs CUDA tensors, triton, no softcap and a power-of-two head dim")
+    return "triton" if ok else "reference"
+
+
 def attention_with_scores(q, k, v, *, scaling, softcap=None, q_orig=None, k_orig=None, window=None,
                           obs_window: int = 0, need_mass: bool = True, q_weights=None):
     """Dispatch to the cheapest implementation that returns what was asked (see module docstring)."""
+    if backend_for(q, softcap) == "triton":
+        from . import triton_attention as ta
+
+        fn = ta.decode_attention if q.shape[2] <= DECODE_MAX_QUERIES else ta.chunk_attention
+        return fn(q, k, v, scaling=scaling, q_orig=q_orig, k_orig=k_orig, window=window, obs_window=obs_window,
+                  need_mass=need_mass, q_weights=q_weights)
     if need_mass:
         return reference_attention_with_scores(q, k, v, scaling=scaling, softcap=softcap, q_orig=q_orig,
                                                k_orig=k_orig, window=window, obs_window=obs_window,
@@ -61,4 +101,4 @@ def attention_with_scores(q, k, v, *, scaling, softcap=None, q_orig=None, k_orig
                      obs_window=obs_window)
 
 
-__all__ = ["attention_with_scores", "reference_attention_with_scores", "build_mask"]
+__all__ = ["attention_with_scores", "reference_attention_with_scores", "build_mask", "backend_for"]

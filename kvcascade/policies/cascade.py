@@ -148,9 +148,12 @@ class Cascade(Policy):
         r0 = stride_start + new_sinks - pending  # first token not yet in a complete block
         n_blocks = (n - r0) // b
         new_pending = (n - r0) % b
+        # The slot schedule (which cascade is due at which arrival time, what gets created or evicted) depends
+        # only on integers the host knows, so it is computed on the CPU; only the winners of each competition
+        # are picked on the device. No host synchronisation.
         offers = (r0 + b * torch.arange(n_blocks, device=dev)).view(1, -1).expand(R, -1)
         t0 = layer.seen - (n - r0) - S  # arrival index (after the sinks) of the token at r0; a multiple of b
-        times = t0 // b + torch.arange(n_blocks, device=dev)
+        times = t0 // b + torch.arange(n_blocks)  # CPU
         starts = [0] * C  # pool index of the first token of cascade i
         s0 = n_sink_before
         for i in reversed(range(C)):
@@ -175,10 +178,11 @@ class Cascade(Policy):
             merge = k > 0 and not bool(creates[0])
             if merge:
                 cand = torch.cat([existing[:, -1:], offers], dim=1)
-                cgid = torch.cat([torch.full((1,), -1, device=dev, dtype=torch.long), gid]) + 1
+                cgid = torch.cat([torch.full((1,), -1, dtype=torch.long), gid]) + 1
                 n_groups = n_new + 1
             else:
                 cand, cgid, n_groups = offers, gid, n_new
+            cgid = cgid.to(dev, non_blocking=True)
             if self.rule == "ema":
                 pick = segment_last_argmax(row_scores.gather(1, cand), cgid, n_groups)
             else:  # v1: the token that opened the group (or the incumbent) keeps the slot
@@ -192,7 +196,7 @@ class Cascade(Policy):
             if total > W:
                 n_evict = total - W
                 # slot W + e pushes out slot e when it is created
-                evict_times = create_times[W + torch.arange(n_evict, device=dev) - (total - n_new)]
+                evict_times = create_times[W + torch.arange(n_evict) - (total - n_new)]
                 offers, times = slots[:, :n_evict], evict_times
                 slots = slots[:, n_evict:]
             else:
@@ -212,5 +216,4 @@ class Cascade(Policy):
         idx = torch.cat(parts, dim=1)
         B, H = layer.keys.shape[:2]
         idx = idx.view(B, 1, -1).expand(B, H, -1) if self.head_reduction == "mean" else idx.view(B, H, -1)
-        if idx.shape[-1] != n or not bool((idx == torch.arange(n, device=dev)).all()):
-            layer.compact(idx)
+        layer.compact(idx)  # a gather of at most budget tokens: cheaper than asking the device whether it is a no-op

@@ -1,0 +1,321 @@
+"""Triton kernels (CUDA) for attention over a compressed cache, with exact per-key attention mass.
+
+Layout, as everywhere in kvcascade: ``q`` ``[B, Hq, C, D]`` (a chunk of ``C`` queries), ``k``/``v``
+``[B, H, N, D]`` with the chunk's own keys as the last ``C`` of ``N`` (``n_cached = N - C`` cached keys
+before them). Query ``i`` sees every cached key and chunk keys ``<= i`` (and, with ``window``, only keys
+whose original position is less than ``window`` behind its own). GQA: query head ``hq`` reads KV head
+``hq // (Hq // H)``.
+
+* :func:`chunk_attention` (prefill): pass 1 is a FlashAttention-style forward (online softmax, fp32
+  accumulation) that also writes each query row's log-sum-exp; pass 2 recomputes ``q k^T`` one key block
+  per program and sums ``exp(s - lse)`` over the chunk's queries and the group's query heads, so the mass
+  is exactly softmax-normalised (optionally weighted per query; the cascade's EMA weights) and no atomics
+  are needed. Work: 1.5x the forward's FLOPs when mass is asked for, 1x otherwise.
+* :func:`decode_attention` (one or a few queries over a long cache): split-K: each program reads one slice
+  of the cache for all query heads of a KV head, writes a partial (max, sum, accumulator) and, when mass is
+  asked for, its raw logits; a small combine step merges the slices and turns logits into mass.
+
+The plain-PyTorch twin is :func:`kvcascade.kernels.reference.attention_with_scores`; tests compare them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _visible(offs_m, offs_n, N, n_cached, qpos0, window, kpos_ptr, HAS_WINDOW: tl.constexpr):
+    ok = (offs_n[None, :] < N) & ((offs_n[None, :] < n_cached) | ((offs_n[None, :] - n_cached) <= offs_m[:, None]))
+    if HAS_WINDOW:
+        kp = tl.load(kpos_ptr + offs_n, mask=offs_n < N, other=0)
+        ok = ok & ((qpos0 + offs_m[:, None] - kp[None, :]) < window)
+    return ok
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, KPOS,
+                sqb, sqh, sqc, skb, skh, skn, svb, svh, svn, sob, soh, soc, slb, slh, skpb, skph,
+                Hq, C, N, n_cached, group, scale_log2, qpos0, window,
+                HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    hq = bh % Hq
+    h = hq // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqc + offs_d[None, :], mask=offs_m[:, None] < C, other=0.0)
+    kbase = K + b * skb + h * skh
+    vbase = V + b * svb + h * svh
+    kpos = KPOS + b * skpb + h * skph
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # stage 1: keys every query of this block sees (cache + chunk keys before the block); stage 2: the diagonal
+    full_hi = n_cached + pid_m * BLOCK_M
+    hi = n_cached + (pid_m + 1) * BLOCK_M  # may pass N on the last block: loads and masks stop at N
+    for stage in tl.static_range(2):
+        if stage == 0:
+            lo, up = 0, full_hi
+        else:
+            lo, up = (full_hi // BLOCK_N) * BLOCK_N, hi
+        for start in range(lo, up, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            k = tl.load(kbase + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < N, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            if stage == 0:
+                ok = offs_n[None, :] < full_hi
+                if HAS_WINDOW:
+                    kp = tl.load(kpos + offs_n, mask=offs_n < N, other=0)
+                    ok = ok & ((qpos0 + offs_m[:, None] - kp[None, :]) < window)
+            else:
+                ok = (offs_n[None, :] >= full_hi) & _visible(offs_m, offs_n, N, n_cached, qpos0, window, kpos,
+                                                              HAS_WINDOW)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vbase + offs_n[:, None] * svn + offs_d[None, :], mask=offs_n[:, None] < N, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * sob + hq * soh + offs_m[:, None] * soc + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=offs_m[:, None] < C)
+    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))  # log2 domain
+    tl.store(LSE + b * slb + hq * slh + offs_m, lse, mask=offs_m < C)
+
+
+@triton.jit
+def _mass_kernel(Q, K, LSE, WQ, MASS, OBS, KPOS,
+                 sqb, sqh, sqc, skb, skh, skn, slb, slh, smb, smh, skpb, skph,
+                 H, C, N, n_cached, group, scale_log2, qpos0, window, obs_start,
+                 HAS_W: tl.constexpr, HAS_MASS: tl.constexpr, HAS_OBS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < N, other=0.0)
+    kpos = KPOS + b * skpb + h * skph
+    mass = tl.zeros([BLOCK_N], tl.float32)
+    obs = tl.zeros([BLOCK_N], tl.float32)
+    # queries before the block's first chunk key cannot see it
+    m_lo = pid_n * BLOCK_N - n_cached
+    if m_lo < 0:
+        m_lo = 0
+    if HAS_OBS and not HAS_MASS:
+        if m_lo < obs_start:
+            m_lo = obs_start
+    m_lo = m_lo // BLOCK_M * BLOCK_M
+    for g in range(group):
+        hq = h * group + g
+        for ms in range(m_lo, C, BLOCK_M):
+            offs_m = ms + tl.arange(0, BLOCK_M)
+            q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqc + offs_d[None, :], mask=offs_m[:, None] < C,
+                        other=0.0)
+            lse = tl.load(LSE + b * slb + hq * slh + offs_m, mask=offs_m < C, other=float("inf"))
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            ok = _visible(offs_m, offs_n, N, n_cached, qpos0, window, kpos, HAS_WINDOW) & (offs_m[:, None] < C)
+            p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
+            if HAS_MASS:
+                if HAS_W:
+                    w = tl.load(WQ + offs_m, mask=offs_m < C, other=0.0)
+                    mass += tl.sum(p * w[:, None], 0)
+                else:
+                    mass += tl.sum(p, 0)
+            if HAS_OBS:
+                obs += tl.sum(tl.where(offs_m[:, None] >= obs_start, p, 0.0), 0)
+    if HAS_MASS:
+        tl.store(MASS + b * smb + h * smh + offs_n, mass, mask=offs_n < N)
+    if HAS_OBS:
+        tl.store(OBS + b * smb + h * smh + offs_n, obs, mask=offs_n < N)
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, KPOS, OP, MP, LP, SC,
+                   sqb, sqh, sqc, skb, skh, skn, svb, svh, svn, skpb, skph,
+                   H, Cq, N, n_cached, group, scale_log2, qpos0, window, split, n_splits,
+                   NEED_S: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, BLOCK_G)  # row r: query head h*group + r // Cq, query r % Cq
+    g = rows // Cq
+    c = rows % Cq
+    row_ok = rows < group * Cq
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + (h * group + g[:, None]) * sqh + c[:, None] * sqc + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    kbase = K + b * skb + h * skh
+    vbase = V + b * svb + h * svh
+    kpos = KPOS + b * skpb + h * skph
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    lo = pid_s * split
+    up = lo + split
+    for start in range(lo, up, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        nmask = (offs_n < up) & (offs_n < N)
+        k = tl.load(kbase + offs_n[:, None] * skn + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        ok = nmask[None, :] & _visible(c, offs_n, N, n_cached, qpos0, window, kpos, HAS_WINDOW) & row_ok[:, None]
+        s = tl.where(ok, s, float("-inf"))
+        if NEED_S:
+            sc_ptr = SC + ((bh * BLOCK_G + rows[:, None]) * N + offs_n[None, :])
+            tl.store(sc_ptr, s, mask=row_ok[:, None] & nmask[None, :])
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vbase + offs_n[:, None] * svn + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    part = (bh * BLOCK_G + rows) * n_splits + pid_s
+    tl.store(MP + part, m_i)
+    tl.store(LP + part, l_i)
+    tl.store(OP + part[:, None] * D + offs_d[None, :], acc)
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, 1 << (int(x) - 1).bit_length())
+
+
+def _kpos(k_orig, B, H, N, device):
+    if k_orig is None:
+        return torch.zeros(1, 1, 1, dtype=torch.int32, device=device), False
+    kp = k_orig.to(torch.int32).expand(B, H, N)
+    return kp, True
+
+
+def _check(q, k, v):
+    if not (q.is_cuda or _interpreting()):
+        raise ValueError("triton kernels need CUDA tensors")
+    B, Hq, C, D = q.shape
+    _, H, N, _ = k.shape
+    if Hq % H or N < C or D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"unsupported shapes q {tuple(q.shape)} k {tuple(k.shape)}")
+    return B, Hq, C, D, H, N
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, obs_window: int = 0,
+                    need_mass: bool = True, q_weights=None, block_m: int | None = None, block_n: int | None = None):
+    """``(out [B, Hq, C, D], mass [B, H, N] fp32 or None, obs [B, H, N] fp32 or None)``; see the module doc."""
+    B, Hq, C, D, H, N = _check(q, k, v)
+    group = Hq // H
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    n_cached = N - C
+    kp, has_window = _kpos(k_orig if window else None, B, H, N, q.device)
+    qpos0 = int(q_orig[0]) if (window and q_orig is not None) else 0
+    win = int(window) if window else 0
+    interp = _interpreting()
+    BM = block_m or (16 if interp else (128 if D <= 64 else 64))
+    BN = block_n or (16 if interp else 64)
+    out = torch.empty_like(q)
+    lse = torch.empty(B, Hq, C, dtype=torch.float32, device=q.device)
+    scale_log2 = float(scaling) * LOG2E
+    grid = (triton.cdiv(C, BM), B * Hq)
+    _fwd_kernel[grid](q, k, v, out, lse, kp,
+                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                      v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                      lse.stride(0), lse.stride(1), kp.stride(0), kp.stride(1),
+                      Hq, C, N, n_cached, group, scale_log2, qpos0, win,
+                      HAS_WINDOW=has_window, BLOCK_M=BM, BLOCK_N=BN, D=D,
+                      **({} if interp else {"num_warps": 8 if BM >= 128 else 4, "num_stages": 3}))
+    obs_w = min(int(obs_window), C) if obs_window else 0
+    if not need_mass and not obs_w:
+        return out, None, None
+    mass = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if need_mass else None
+    obs = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if obs_w else None
+    wq = q_weights.float().contiguous() if (need_mass and q_weights is not None) else lse  # dummy when unused
+    ref = mass if mass is not None else obs
+    BM2 = 16 if interp else 64
+    BN2 = 16 if interp else 64
+    grid2 = (triton.cdiv(N, BN2), B * H)
+    _mass_kernel[grid2](q, k, lse, wq, mass if mass is not None else ref, obs if obs is not None else ref, kp,
+                        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                        lse.stride(0), lse.stride(1), ref.stride(0), ref.stride(1), kp.stride(0), kp.stride(1),
+                        H, C, N, n_cached, group, scale_log2, qpos0, win, C - obs_w,
+                        HAS_W=need_mass and q_weights is not None, HAS_MASS=need_mass, HAS_OBS=bool(obs_w),
+                        HAS_WINDOW=has_window, BLOCK_M=BM2, BLOCK_N=BN2, D=D,
+                        **({} if interp else {"num_warps": 4, "num_stages": 2}))
+    return out, mass, obs
+
+
+def _num_splits(N: int, programs: int, block_n: int, device) -> int:
+    if _interpreting():
+        target = 4
+    else:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    per = max(1, math.ceil(target / programs))
+    split = max(block_n, triton.cdiv(triton.cdiv(N, per), block_n) * block_n)
+    return split
+
+
+def decode_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, obs_window: int = 0,
+                     need_mass: bool = True, q_weights=None, block_n: int | None = None):
+    """Split-K attention for a few queries (``C`` small) over a long cache; same contract as
+    :func:`chunk_attention`."""
+    B, Hq, C, D, H, N = _check(q, k, v)
+    group = Hq // H
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    interp = _interpreting()
+    BN = block_n or (16 if interp else 64)
+    BG = _pow2(group * C)
+    n_cached = N - C
+    kp, has_window = _kpos(k_orig if window else None, B, H, N, q.device)
+    qpos0 = int(q_orig[0]) if (window and q_orig is not None) else 0
+    split = _num_splits(N, B * H, BN, q.device)
+    n_splits = triton.cdiv(N, split)
+    need_s = need_mass or bool(obs_window)
+    op = torch.empty(B * H * BG * n_splits, D, dtype=torch.float32, device=q.device)
+    mp = torch.empty(B * H * BG * n_splits, dtype=torch.float32, device=q.device)
+    lp = torch.empty_like(mp)
+    sc = torch.empty(B * H * BG, N, dtype=torch.float32, device=q.device) if need_s else mp
+    scale_log2 = float(scaling) * LOG2E
+    _decode_kernel[(n_splits, B * H)](q, k, v, kp, op, mp, lp, sc,
+                                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                                      v.stride(0), v.stride(1), v.stride(2), kp.stride(0), kp.stride(1),
+                                      H, C, N, n_cached, group, scale_log2, qpos0, int(window or 0), split, n_splits,
+                                      NEED_S=need_s, HAS_WINDOW=has_window, BLOCK_G=BG, BLOCK_N=BN, D=D,
+                                      **({} if interp else {"num_warps": 4, "num_stages": 3}))
+    rows = group * C
+    mp = mp.view(B, H, BG, n_splits)[:, :, :rows]
+    lp = lp.view(B, H, BG, n_splits)[:, :, :rows]
+    op = op.view(B, H, BG, n_splits, D)[:, :, :rows]
+    m = mp.amax(dim=-1, keepdim=True)
+    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
+    wgt = torch.exp2(mp - m_safe)  # [B, H, rows, S]
+    l = (lp * wgt).sum(-1)
+    o = (op * wgt.unsqueeze(-1)).sum(-2) / l.clamp_min(1e-30).unsqueeze(-1)
+    out = o.view(B, H, group, C, D).reshape(B, Hq, C, D).to(q.dtype)
+    if not need_s:
+        return out, None, None
+    lse = (m_safe.squeeze(-1) + torch.log2(l.clamp_min(1e-30)))  # [B, H, rows]
+    p = torch.exp2(sc.view(B, H, BG, N)[:, :, :rows] - lse.unsqueeze(-1)).view(B, H, group, C, N)
+    mass = obs = None
+    if need_mass:
+        mass = (torch.einsum("bhgcn,c->bhn", p, q_weights.float()) if q_weights is not None else p.sum(dim=(2, 3)))
+    if obs_window:
+        obs = p[:, :, :, C - min(int(obs_window), C):].sum(dim=(2, 3))
+    return out, mass, obs
