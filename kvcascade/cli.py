@@ -1,4 +1,4 @@
-"""The ``kvcascade`` command: ``generate``, ``demo``, ``eval``, ``report``, ``policies``, ``models``.
+"""The ``kvcascade`` command: ``generate``, ``demo``, ``eval``, ``report``, ``bench``, ``policies``, ``models``.
 
 Every user mistake ends with one line ``kvcascade: error: ...`` on stderr and exit status 2.
 """
@@ -151,6 +151,30 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import bench
+    from .eval.runner import parse_length
+
+    lengths = [parse_length(x) for x in args.lengths.split(",")] if args.lengths else None
+    out = args.out
+    if args.what == "attention":
+        kw = {"lengths": lengths} if lengths else {}
+        if args.caches:
+            kw["caches"] = [parse_length(x) for x in args.caches.split(",")]
+        if args.methods:
+            kw["methods"] = args.methods.split(",")
+        bench.bench_attention(stride=parse_length(args.stride) if args.stride else None, out=out, **kw)
+    elif args.what == "kernel":
+        bench.bench_chunk_kernel(out=out, **({"T_cache": lengths} if lengths else {}))
+    elif args.what == "decode":
+        bench.bench_decode(out=out, **({"sizes": lengths} if lengths else {}))
+    else:
+        bench.bench_e2e(args.model, length=lengths[0] if lengths else 1048576, budget=args.budget,
+                        policy=args.policy, chunk_size=args.chunk_size,
+                        full_lengths=[parse_length(x) for x in args.full_lengths.split(",") if x], out=out)
+    return 0
+
+
 def cmd_policies(args) -> int:
     from .policies import describe_policies
 
@@ -253,6 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="rebuild summary.md and plots from an eval folder")
     r.add_argument("dir")
     r.set_defaults(func=cmd_report)
+
+    bn = sub.add_parser("bench", help="GPU speed benchmarks: attention, kernel, decode, e2e (table + JSON)")
+    bn.add_argument("what", choices=["attention", "kernel", "decode", "e2e"])
+    bn.add_argument("--lengths", default=None, help="attention: T; kernel: cache sizes; decode: cache sizes; "
+                    "e2e: prompt length")
+    bn.add_argument("--caches", default=None, help="attention: cache sizes of our strided prefill (default 8k,64k)")
+    bn.add_argument("--stride", default=None, help="attention: stride of our strided prefill (default: cache size)")
+    bn.add_argument("--methods", default=None, help="attention: cudnn,flash,flex,cascade,streaming")
+    bn.add_argument("--model", default=None, help="e2e: model (default: the default model)")
+    bn.add_argument("--policy", default="cascade", help="e2e: policy spec")
+    bn.add_argument("--budget", type=int, default=8192, help="e2e: budget")
+    bn.add_argument("--chunk-size", type=int, default=4096, help="e2e: prefill stride")
+    bn.add_argument("--full-lengths", default="32k", help="e2e: prompt lengths for the full cache")
+    bn.add_argument("--out", default=None, help="JSON file for the rows")
+    bn.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("policies", help="list the cache policies with their parameters")
     p.add_argument("--json", action="store_true")

@@ -1,18 +1,39 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (see docs/results/README.md). Assumes the GGUF pieces were copied to ~/m/
 # (one piece per call, from .models/, made with: split -b 55M -d -a 2 <gguf> .models/q.part) and the gguf
-# wheel is carried in .whl/. Usage: bash scripts/gpu_session.sh setup | passkey4k | longctx | ppl
+# wheel is carried in .whl/. Outputs go to $OUT. Usage: bash scripts/gpu_session.sh MODE, MODE one of
+#   setup          assemble + convert the default model
+#   check          GPU kernel tests, host-sync check, kernel + decode benchmarks (short table last)
+#   attention      bench attention (T = ${LENGTHS:-32k,128k,512k,1m})
+#   e2e            bench e2e (1M-token prompt, cascade budget 8K; full cache at 32K)
+#   eval TASKS     kvcascade eval TASKS with $POLICIES $BUDGETS $LENGTHS $SAMPLES into $OUT/$NAME
+#   passkey4k | longctx | variants | ppl   (the earlier passkey/perplexity scripts)
 set -euo pipefail
 export PYTHONUNBUFFERED=1 KVCASCADE_HOME=$HOME/kvh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 || true
 export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}
+KV="python3 -m kvcascade.cli"
 case "$1" in
   setup)
     mkdir -p "$KVCASCADE_HOME/gguf"
     cat ~/m/q.part0* > "$KVCASCADE_HOME/gguf/qwen2.5-coder-0.5b-instruct.gguf"
     sha256sum "$KVCASCADE_HOME/gguf/qwen2.5-coder-0.5b-instruct.gguf"
     python3 -c "import kvcascade; print(kvcascade.prepare('qwen2.5-coder-0.5b', progress=False))" ;;
+  check)
+    nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+    python3 -m pytest -q tests/test_triton.py -p no:cacheprovider 2>&1 | tail -4
+    python3 scripts/sync_check.py || true
+    $KV bench kernel --out "$OUT/bench_kernel.json" 2>/dev/null
+    $KV bench decode --out "$OUT/bench_decode.json" 2>/dev/null ;;
+  attention)
+    $KV bench attention --lengths "${LENGTHS:-32k,128k,512k,1m}" ${METHODS:+--methods $METHODS} --out "$OUT/bench_attention.json" ;;
+  e2e)
+    $KV bench e2e --lengths "${LENGTHS:-1m}" --chunk-size "${CHUNK:-4096}" --full-lengths "${FULL:-32k}" --out "$OUT/bench_e2e.json" ;;
+  eval)
+    $KV eval "$2" --device cuda --quiet --policies "${POLICIES:-full,window,streaming,h2o,tova,snapkv,pyramidkv}" \
+      --budgets "${BUDGETS:-2048,8192}" --lengths "${LENGTHS:-4k}" --samples "${SAMPLES:-5}" \
+      ${TEXT:+--text $TEXT} --out "$OUT/${NAME:-eval}" 2>&1 | tail -${TAIL:-60} ;;
   passkey4k)
     python3 scripts/passkey_grid.py --device cuda --lengths 4k --budgets 512,2048 --samples 10 \
       --policies full,window,streaming,h2o,tova,snapkv,pyramidkv,cascade --out "$OUT/passkey_4k_gpu.jsonl" ;;

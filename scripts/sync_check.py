@@ -1,0 +1,43 @@
+"""Counts host synchronisations during one prefill chunk and one decode step per policy (CUDA only).
+
+Uses torch.cuda.set_sync_debug_mode("warn") on a tiny random-weight Qwen2 model built from the real
+config shape (speed/sync behaviour does not depend on weights). Prints one line per policy.
+"""
+
+import warnings
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from kvcascade.cache import CompressedCache
+from kvcascade.policies import make_policy
+
+cfg = Qwen2Config(vocab_size=1000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768)
+model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+print("| policy | host syncs in 1 prefill chunk (24 layers) | in 1 decode step |")
+print("|---|---|---|")
+for name in ["full", "window", "streaming", "h2o", "tova", "snapkv", "pyramidkv", "cascade", "cascade:block=16"]:
+    pname, *opts = name.split(":")
+    args = dict(o.split("=") for o in opts)
+    pol = make_policy(pname, None if pname == "full" else 1024, **args)
+    cache = CompressedCache(model, pol)
+    cache.phase = "prefill"
+    counts = []
+    with torch.inference_mode():
+        for step, n in enumerate([512, 512, 512, 512, 1]):
+            ids = torch.randint(0, 1000, (1, n), device="cuda")
+            cache.final_chunk = n == 1
+            if n == 1:
+                cache.phase = "decode"
+            pos = cache.next_position_ids(n, "cuda")
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1)
+                torch.cuda.set_sync_debug_mode("default")
+            syncs = [x for x in w if "synchroniz" in str(x.message).lower()]
+            if step >= 3:
+                counts.append(len(syncs))
+    print(f"| {name} | {counts[0]} | {counts[1]} |")
