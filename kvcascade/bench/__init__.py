@@ -100,7 +100,7 @@ def _flex_ms(q, k, v, sinks: int, window: int):
         return (ki <= qi) & ((ki < sinks) | (qi - ki < window))
 
     T = q.shape[2]
-    bm = create_block_mask(mask, None, None, T, T, device=q.device)
+    bm = create_block_mask(mask, None, None, T, T, device=q.device, _compile=True)
     flex = torch.compile(flex_attention, dynamic=False)
 
     def run():

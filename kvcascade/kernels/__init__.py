@@ -9,7 +9,7 @@ policy asked for:
   ``obs_window`` queries only (SnapKV, TOVA);
 * per-key mass of every query needed (H2O, the cascade's EMA): the reference.
 
-On CUDA (with triton installed, no logit softcap, head dim 16..256 a power of two) everything goes to the
+On CUDA (with triton installed, fp16/bf16, no logit softcap, head dim 16..256 a power of two) everything goes to the
 Triton kernels of :mod:`kvcascade.kernels.triton_attention` instead: ``chunk_attention`` for prompt chunks,
 ``decode_attention`` (split-K) for up to ``DECODE_MAX_QUERIES`` queries. ``KVCASCADE_KERNELS=reference``
 forces the PyTorch paths (``triton`` forces Triton and fails loudly where it cannot run).
@@ -76,7 +76,8 @@ def backend_for(q, softcap=None) -> str:
         raise KVCascadeError(f"KVCASCADE_KERNELS must be auto, reference or triton, got '{choice}'")
     if choice == "reference":
         return "reference"
-    ok = q.is_cuda and _have_triton() and softcap is None and q.shape[-1] in (16, 32, 64, 128, 256)
+    ok = (q.is_cuda and _have_triton() and softcap is None and q.shape[-1] in (16, 32, 64, 128, 256)
+          and q.dtype in (torch.float16, torch.bfloat16))  # fp32 stays exact on the reference path
     if choice == "triton" and not ok:
         from ..errors import KVCascadeError
 
