@@ -30,10 +30,13 @@ case "$1" in
     $KV bench attention --lengths "${LENGTHS:-32k,128k,512k,1m}" ${METHODS:+--methods $METHODS} --out "$OUT/bench_attention.json" ;;
   e2e)
     $KV bench e2e --lengths "${LENGTHS:-1m}" --chunk-size "${CHUNK:-4096}" --full-lengths "${FULL:-32k}" --out "$OUT/bench_e2e.json" ;;
-  eval)
-    $KV eval "$2" --device cuda --quiet --policies "${POLICIES:-full,window,streaming,h2o,tova,snapkv,pyramidkv}" \
+  eval)  # results live in ~/ev/NAME (kept while the machine stays warm, so a timed-out grid resumes) and are copied to $OUT
+    mkdir -p ~/ev
+    timeout "${TLIM:-560}" $KV eval "$2" --device cuda --quiet --policies "${POLICIES:-full,window,streaming,h2o,tova,snapkv,pyramidkv}" \
       --budgets "${BUDGETS:-2048,8192}" --lengths "${LENGTHS:-4k}" --samples "${SAMPLES:-5}" \
-      ${TEXT:+--text $TEXT} --out "$OUT/${NAME:-eval}" 2>&1 | tail -${TAIL:-60} ;;
+      ${TEXT:+--text $TEXT} --out ~/ev/"${NAME:-eval}" 2>&1 | tail -${TAIL:-60} || true
+    [ -f ~/ev/"${NAME:-eval}"/results.jsonl ] && $KV report ~/ev/"${NAME:-eval}" >/dev/null 2>&1 || true
+    cp -r ~/ev/"${NAME:-eval}" "$OUT/" ;;
   passkey4k)
     python3 scripts/passkey_grid.py --device cuda --lengths 4k --budgets 512,2048 --samples 10 \
       --policies full,window,streaming,h2o,tova,snapkv,pyramidkv,cascade --out "$OUT/passkey_4k_gpu.jsonl" ;;

@@ -20,6 +20,7 @@ The plain-PyTorch twin is :func:`kvcascade.kernels.reference.attention_with_scor
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -191,6 +192,61 @@ def _decode_kernel(Q, K, V, KPOS, OP, MP, LP, SC,
     tl.store(OP + part[:, None] * D + offs_d[None, :], acc)
 
 
+@triton.jit
+def _combine_kernel(OP, MP, LP, O, LSE, sob, soh, soc, H, group, Cq, BG, rows_valid, n_splits,
+                    BLOCK_S: tl.constexpr, D: tl.constexpr):
+    pid = tl.program_id(0)  # one (batch, KV head, query row)
+    bh = pid // rows_valid
+    r = pid % rows_valid
+    base = (bh * BG + r) * n_splits
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    smask = offs_s < n_splits
+    m = tl.load(MP + base + offs_s, mask=smask, other=float("-inf"))
+    l = tl.load(LP + base + offs_s, mask=smask, other=0.0)
+    mmax = tl.max(m, 0)
+    msafe = tl.where(mmax == float("-inf"), 0.0, mmax)
+    w = tl.where(smask, tl.math.exp2(m - msafe), 0.0)
+    total = tl.sum(l * w, 0)
+    acc = tl.load(OP + (base + offs_s)[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+    o = tl.sum(acc * w[:, None], 0) / tl.maximum(total, 1e-30)
+    b = bh // H
+    h = bh % H
+    hq = h * group + r // Cq
+    tl.store(O + b * sob + hq * soh + (r % Cq) * soc + offs_d, o.to(O.dtype.element_ty))
+    tl.store(LSE + bh * BG + r, msafe + tl.math.log2(tl.maximum(total, 1e-30)))
+
+
+@triton.jit
+def _decode_mass_kernel(SC, LSE, WQ, MASS, OBS, N, BG, rows_valid, Cq, obs_start,
+                        HAS_W: tl.constexpr, HAS_MASS: tl.constexpr, HAS_OBS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_R)
+    ok = (rows[:, None] < rows_valid) & (offs_n[None, :] < N)
+    s = tl.load(SC + (bh * BG + rows[:, None]) * N + offs_n[None, :], mask=ok, other=float("-inf"))
+    lse = tl.load(LSE + bh * BG + rows, mask=rows < rows_valid, other=float("inf"))
+    p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
+    c = rows % Cq
+    if HAS_MASS:
+        if HAS_W:
+            w = tl.load(WQ + c, mask=rows < rows_valid, other=0.0)
+            mass = tl.sum(p * w[:, None], 0)
+        else:
+            mass = tl.sum(p, 0)
+        tl.store(MASS + bh * N + offs_n, mass, mask=offs_n < N)
+    if HAS_OBS:
+        obs = tl.sum(tl.where(c[:, None] >= obs_start, p, 0.0), 0)
+        tl.store(OBS + bh * N + offs_n, obs, mask=offs_n < N)
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, 1 << (int(x) - 1).bit_length())
 
@@ -266,7 +322,7 @@ def _num_splits(N: int, programs: int, block_n: int, device) -> int:
     if _interpreting():
         target = 4
     else:
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 4 * _sm_count(torch.device(device).index or 0)
     per = max(1, math.ceil(target / programs))
     split = max(block_n, triton.cdiv(triton.cdiv(N, per), block_n) * block_n)
     return split
@@ -300,22 +356,21 @@ def decode_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None,
                                       NEED_S=need_s, HAS_WINDOW=has_window, BLOCK_G=BG, BLOCK_N=BN, D=D,
                                       **({} if interp else {"num_warps": 4, "num_stages": 3}))
     rows = group * C
-    mp = mp.view(B, H, BG, n_splits)[:, :, :rows]
-    lp = lp.view(B, H, BG, n_splits)[:, :, :rows]
-    op = op.view(B, H, BG, n_splits, D)[:, :, :rows]
-    m = mp.amax(dim=-1, keepdim=True)
-    m_safe = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    wgt = torch.exp2(mp - m_safe)  # [B, H, rows, S]
-    l = (lp * wgt).sum(-1)
-    o = (op * wgt.unsqueeze(-1)).sum(-2) / l.clamp_min(1e-30).unsqueeze(-1)
-    out = o.view(B, H, group, C, D).reshape(B, Hq, C, D).to(q.dtype)
+    out = torch.empty_like(q)
+    lse = torch.empty(B * H * BG, dtype=torch.float32, device=q.device)
+    _combine_kernel[(B * H * rows,)](op, mp, lp, out, lse, out.stride(0), out.stride(1), out.stride(2), H, group, C,
+                                     BG, rows, n_splits, BLOCK_S=_pow2(n_splits, 2), D=D)
     if not need_s:
         return out, None, None
-    lse = (m_safe.squeeze(-1) + torch.log2(l.clamp_min(1e-30)))  # [B, H, rows]
-    p = torch.exp2(sc.view(B, H, BG, N)[:, :, :rows] - lse.unsqueeze(-1)).view(B, H, group, C, N)
-    mass = obs = None
-    if need_mass:
-        mass = (torch.einsum("bhgcn,c->bhn", p, q_weights.float()) if q_weights is not None else p.sum(dim=(2, 3)))
-    if obs_window:
-        obs = p[:, :, :, C - min(int(obs_window), C):].sum(dim=(2, 3))
+    mass = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if need_mass else None
+    obs_w = min(int(obs_window), C) if obs_window else 0
+    obs = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if obs_w else None
+    ref = mass if mass is not None else obs
+    wq = q_weights.float().contiguous() if (need_mass and q_weights is not None) else lse
+    BN2 = 16 if interp else 256
+    _decode_mass_kernel[(triton.cdiv(N, BN2), B * H)](sc, lse, wq, ref if mass is None else mass,
+                                                      ref if obs is None else obs, N, BG, rows, C, C - obs_w,
+                                                      HAS_W=need_mass and q_weights is not None,
+                                                      HAS_MASS=need_mass, HAS_OBS=bool(obs_w), BLOCK_N=BN2,
+                                                      BLOCK_R=BG)
     return out, mass, obs

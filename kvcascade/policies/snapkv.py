@@ -79,5 +79,6 @@ class SnapKV(Policy):
             budget = self.layer_budget(layer.idx, cache.num_layers)
             if n > budget:
                 p = min(layer.state.get("prefix", budget - self.window), budget - 1)
-                idx = torch.cat([torch.arange(p), torch.arange(n - (budget - p), n)]).to(layer.keys.device)
+                dev = layer.keys.device
+                idx = torch.cat([torch.arange(p, device=dev), torch.arange(n - (budget - p), n, device=dev)])
                 layer.compact(idx)

@@ -24,5 +24,6 @@ class Streaming(Policy):
         if n <= self.budget:
             return
         recent = self.budget - self.sinks
-        idx = torch.cat([torch.arange(self.sinks), torch.arange(n - recent, n)]).to(layer.keys.device)
+        dev = layer.keys.device  # indices made on the device: a host tensor copied over would sync
+        idx = torch.cat([torch.arange(self.sinks, device=dev), torch.arange(n - recent, n, device=dev)])
         layer.compact(idx)
