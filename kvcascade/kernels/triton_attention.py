@@ -39,7 +39,21 @@ def _visible(offs_m, offs_n, N, n_cached, qpos0, window, kpos_ptr, HAS_WINDOW: t
     return ok
 
 
-@triton.jit
+# Lengths change every chunk and every decoded token: without do_not_specialize Triton compiles a new variant
+# whenever one of them changes its divisibility by 16 (seconds of compiling inside the decode loop).
+_VARYING = ["C", "N", "n_cached", "qpos0", "window", "Cq", "split", "n_splits", "obs_start", "rows_valid",
+            "sqb", "sqh", "sqc", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh", "soc", "slb", "slh",
+            "smb", "smh", "skpb", "skph"]
+
+
+def _jit(fn):
+    import inspect
+
+    names = [n for n in inspect.signature(fn).parameters if n in _VARYING]
+    return triton.jit(do_not_specialize=names)(fn)
+
+
+@_jit
 def _fwd_kernel(Q, K, V, O, LSE, KPOS,
                 sqb, sqh, sqc, skb, skh, skn, svb, svh, svn, sob, soh, soc, slb, slh, skpb, skph,
                 Hq, C, N, n_cached, group, scale_log2, qpos0, window,
@@ -95,7 +109,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPOS,
     tl.store(LSE + b * slb + hq * slh + offs_m, lse, mask=offs_m < C)
 
 
-@triton.jit
+@_jit
 def _mass_kernel(Q, K, LSE, WQ, MASS, OBS, KPOS,
                  sqb, sqh, sqc, skb, skh, skn, slb, slh, smb, smh, skpb, skph,
                  H, C, N, n_cached, group, scale_log2, qpos0, window, obs_start,
@@ -143,7 +157,7 @@ def _mass_kernel(Q, K, LSE, WQ, MASS, OBS, KPOS,
         tl.store(OBS + b * smb + h * smh + offs_n, obs, mask=offs_n < N)
 
 
-@triton.jit
+@_jit
 def _decode_kernel(Q, K, V, KPOS, OP, MP, LP, SC,
                    sqb, sqh, sqc, skb, skh, skn, svb, svh, svn, skpb, skph,
                    H, Cq, N, n_cached, group, scale_log2, qpos0, window, split, n_splits,
@@ -192,7 +206,7 @@ def _decode_kernel(Q, K, V, KPOS, OP, MP, LP, SC,
     tl.store(OP + part[:, None] * D + offs_d[None, :], acc)
 
 
-@triton.jit
+@_jit
 def _combine_kernel(OP, MP, LP, O, LSE, sob, soh, soc, H, group, Cq, BG, rows_valid, n_splits,
                     BLOCK_S: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)  # one (batch, KV head, query row)
@@ -217,7 +231,7 @@ def _combine_kernel(OP, MP, LP, O, LSE, sob, soh, soc, H, group, Cq, BG, rows_va
     tl.store(LSE + bh * BG + r, msafe + tl.math.log2(tl.maximum(total, 1e-30)))
 
 
-@triton.jit
+@_jit
 def _decode_mass_kernel(SC, LSE, WQ, MASS, OBS, N, BG, rows_valid, Cq, obs_start,
                         HAS_W: tl.constexpr, HAS_MASS: tl.constexpr, HAS_OBS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
