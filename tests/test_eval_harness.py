@@ -172,3 +172,14 @@ def test_eval_cli_errors(argv, msg, capsys):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kvcascade: error:") and msg in err[0], err
+
+
+def test_prose_haystack_without_a_text_says_how_to_get_one(tok, monkeypatch):
+    import kvcascade.eval.ppl as ppl
+
+    def missing():
+        raise KVCascadeError("no bible")
+
+    monkeypatch.setattr(ppl, "kjv_text", missing)
+    with pytest.raises(KVCascadeError, match="--haystack-file"):
+        make_sample("niah_multikey", tok, 1024, 0.5)

@@ -128,7 +128,11 @@ def _haystack(kind: str, prose: str | None):
         if prose is None:
             from .ppl import kjv_text
 
-            prose = kjv_text()
+            try:
+                prose = kjv_text()
+            except KVCascadeError:
+                raise KVCascadeError("the prose haystack defaults to the King James Bible from Debian's bible-kjv "
+                                     "package; install it, pass --haystack-file FILE, or use haystack=noise") from None
         return prose_units(prose)
     raise KVCascadeError(f"haystack must be noise or prose, got '{kind}'")
 
@@ -347,6 +351,8 @@ def make_sample(spec: str, tokenizer, length: int, depth: float | None = 0.5, se
         raise KVCascadeError(f"length must be at least 16 tokens, got {length}")
     try:
         s = TASKS[name](tokenizer, int(length), depth, seed, prose, **args)
+    except KVCascadeError:
+        raise
     except TypeError as e:
         raise KVCascadeError(f"bad option for task {name}: {e}") from None
     except ValueError as e:
