@@ -288,8 +288,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Launch configurations (H100); scripts/tune_kernels.py measures the alternatives. Keys: head dim.
+FWD_CONFIG = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}  # BLOCK_M, BLOCK_N, num_warps, num_stages
+MASS_CONFIG = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
+DECODE_CONFIG = {64: (64, 4, 3), 128: (64, 4, 3)}  # BLOCK_N, num_warps, num_stages
+DECODE_PROGRAMS_PER_SM = 4
+
+
 def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, obs_window: int = 0,
-                    need_mass: bool = True, q_weights=None, block_m: int | None = None, block_n: int | None = None):
+                    need_mass: bool = True, q_weights=None, block_m: int | None = None, block_n: int | None = None,
+                    fwd_config=None, mass_config=None):
     """``(out [B, Hq, C, D], mass [B, H, N] fp32 or None, obs [B, H, N] fp32 or None)``; see the module doc."""
     B, Hq, C, D, H, N = _check(q, k, v)
     group = Hq // H
@@ -299,8 +307,9 @@ def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, 
     qpos0 = int(q_orig[0]) if (window and q_orig is not None) else 0
     win = int(window) if window else 0
     interp = _interpreting()
-    BM = block_m or (16 if interp else (128 if D <= 64 else 64))
-    BN = block_n or (16 if interp else 64)
+    fbm, fbn, fw, fs = fwd_config or FWD_CONFIG.get(D, (64, 64, 4, 3))
+    BM = block_m or (16 if interp else fbm)
+    BN = block_n or (16 if interp else fbn)
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, C, dtype=torch.float32, device=q.device)
     scale_log2 = float(scaling) * LOG2E
@@ -311,7 +320,7 @@ def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, 
                       lse.stride(0), lse.stride(1), kp.stride(0), kp.stride(1),
                       Hq, C, N, n_cached, group, scale_log2, qpos0, win,
                       HAS_WINDOW=has_window, BLOCK_M=BM, BLOCK_N=BN, D=D,
-                      **({} if interp else {"num_warps": 8 if BM >= 128 else 4, "num_stages": 3}))
+                      **({} if interp else {"num_warps": fw, "num_stages": fs}))
     obs_w = min(int(obs_window), C) if obs_window else 0
     if not need_mass and not obs_w:
         return out, None, None
@@ -319,8 +328,9 @@ def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, 
     obs = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if obs_w else None
     wq = q_weights.float().contiguous() if (need_mass and q_weights is not None) else lse  # dummy when unused
     ref = mass if mass is not None else obs
-    BM2 = 16 if interp else 64
-    BN2 = 16 if interp else 64
+    mbm, mbn, mw, ms_ = mass_config or MASS_CONFIG.get(D, (64, 64, 4, 2))
+    BM2 = 16 if interp else mbm
+    BN2 = 16 if interp else mbn
     grid2 = (triton.cdiv(N, BN2), B * H)
     _mass_kernel[grid2](q, k, lse, wq, mass if mass is not None else ref, obs if obs is not None else ref, kp,
                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -328,34 +338,36 @@ def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, 
                         H, C, N, n_cached, group, scale_log2, qpos0, win, C - obs_w,
                         HAS_W=need_mass and q_weights is not None, HAS_MASS=need_mass, HAS_OBS=bool(obs_w),
                         HAS_WINDOW=has_window, BLOCK_M=BM2, BLOCK_N=BN2, D=D,
-                        **({} if interp else {"num_warps": 4, "num_stages": 2}))
+                        **({} if interp else {"num_warps": mw, "num_stages": ms_}))
     return out, mass, obs
 
 
-def _num_splits(N: int, programs: int, block_n: int, device) -> int:
+def _num_splits(N: int, programs: int, block_n: int, device, per_sm: int = 4) -> int:
     if _interpreting():
         target = 4
     else:
-        target = 4 * _sm_count(torch.device(device).index or 0)
+        target = per_sm * _sm_count(torch.device(device).index or 0)
     per = max(1, math.ceil(target / programs))
     split = max(block_n, triton.cdiv(triton.cdiv(N, per), block_n) * block_n)
     return split
 
 
 def decode_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, obs_window: int = 0,
-                     need_mass: bool = True, q_weights=None, block_n: int | None = None):
+                     need_mass: bool = True, q_weights=None, block_n: int | None = None, config=None,
+                     programs_per_sm: int | None = None):
     """Split-K attention for a few queries (``C`` small) over a long cache; same contract as
     :func:`chunk_attention`."""
     B, Hq, C, D, H, N = _check(q, k, v)
     group = Hq // H
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     interp = _interpreting()
-    BN = block_n or (16 if interp else 64)
+    dbn, dw, ds = config or DECODE_CONFIG.get(D, (64, 4, 3))
+    BN = block_n or (16 if interp else dbn)
     BG = _pow2(group * C)
     n_cached = N - C
     kp, has_window = _kpos(k_orig if window else None, B, H, N, q.device)
     qpos0 = int(q_orig[0]) if (window and q_orig is not None) else 0
-    split = _num_splits(N, B * H, BN, q.device)
+    split = _num_splits(N, B * H, BN, q.device, programs_per_sm or DECODE_PROGRAMS_PER_SM)
     n_splits = triton.cdiv(N, split)
     need_s = need_mass or bool(obs_window)
     op = torch.empty(B * H * BG * n_splits, D, dtype=torch.float32, device=q.device)
@@ -368,7 +380,7 @@ def decode_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None,
                                       v.stride(0), v.stride(1), v.stride(2), kp.stride(0), kp.stride(1),
                                       H, C, N, n_cached, group, scale_log2, qpos0, int(window or 0), split, n_splits,
                                       NEED_S=need_s, HAS_WINDOW=has_window, BLOCK_G=BG, BLOCK_N=BN, D=D,
-                                      **({} if interp else {"num_warps": 4, "num_stages": 3}))
+                                      **({} if interp else {"num_warps": dw, "num_stages": ds}))
     rows = group * C
     out = torch.empty_like(q)
     lse = torch.empty(B * H * BG, dtype=torch.float32, device=q.device)
