@@ -53,7 +53,7 @@ def _jit(fn):
     return triton.jit(do_not_specialize=names)(fn)
 
 
-@_jit
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KPOS,
                 sqb, sqh, sqc, skb, skh, skn, svb, svh, svn, sob, soh, soc, slb, slh, skpb, skph,
                 Hq, C, N, n_cached, group, scale_log2, qpos0, window,
@@ -109,7 +109,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPOS,
     tl.store(LSE + b * slb + hq * slh + offs_m, lse, mask=offs_m < C)
 
 
-@_jit
+@triton.jit
 def _mass_kernel(Q, K, LSE, WQ, MASS, OBS, KPOS,
                  sqb, sqh, sqc, skb, skh, skn, slb, slh, smb, smh, skpb, skph,
                  H, C, N, n_cached, group, scale_log2, qpos0, window, obs_start,
@@ -289,10 +289,10 @@ def _interpreting() -> bool:
 
 
 # Launch configurations (H100); scripts/tune_kernels.py measures the alternatives. Keys: head dim.
-FWD_CONFIG = {64: (128, 64, 8, 3), 128: (64, 64, 4, 3)}  # BLOCK_M, BLOCK_N, num_warps, num_stages
-MASS_CONFIG = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
-DECODE_CONFIG = {64: (64, 4, 3), 128: (64, 4, 3)}  # BLOCK_N, num_warps, num_stages
-DECODE_PROGRAMS_PER_SM = 4
+FWD_CONFIG = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}  # BLOCK_M, BLOCK_N, num_warps, num_stages
+MASS_CONFIG = {64: (128, 64, 4, 2), 128: (128, 64, 4, 2)}
+DECODE_CONFIG = {64: (128, 4, 3), 128: (128, 4, 3)}  # BLOCK_N, num_warps, num_stages
+DECODE_PROGRAMS_PER_SM = 8
 
 
 def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, obs_window: int = 0,
