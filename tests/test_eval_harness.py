@@ -167,7 +167,8 @@ def test_eval_cli(tiny_model_dir, tmp_path, capsys):
     (["eval", "ppl", "--text", "/nonexistent.txt", "--policies", "full"], "cannot read text file"),
     (["eval", "passkey", "--policies", "streaming", "--budgets", "2"], "sink"),
     (["report", "/nonexistent-dir"], "is not a folder"),
-])
+    (["eval", "niah_single:colour=red", "--model", "/nonexistent-model"], "bad option"),
+] + ([(["bench", "decode"], "CUDA")] if not __import__("torch").cuda.is_available() else []))
 def test_eval_cli_errors(argv, msg, capsys):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -329,9 +329,16 @@ DEPTH_TASKS = {"passkey", "niah_single", "niah_multikey", "niah_multivalue", "ni
 def parse_task_spec(spec: str) -> tuple[str, dict]:
     from ..policies import parse_policy_spec
 
+    import inspect
+
     name, args = parse_policy_spec(spec)
     if name not in TASKS and name != "ppl":
         raise KVCascadeError(f"unknown task '{name}'; known: {', '.join(['ppl', *TASKS])} (and 'ruler' for all RULER tasks)")
+    if args:
+        known = [] if name == "ppl" else list(inspect.signature(TASKS[name]).parameters)[5:]
+        bad = [k for k in args if k not in known]
+        if bad:
+            raise KVCascadeError(f"bad option '{bad[0]}' for task {name}; it takes: {', '.join(known) or 'none'}")
     return name, args
 
 
