@@ -197,6 +197,7 @@ class CompressedCache(Cache):
         self.num_kv_heads = config.num_key_value_heads
         self.phase: str | None = None  # set by the engine; inferred from the chunk size when None
         self.final_chunk = True  # the engine clears it for all but the last prompt chunk
+        self._last_ids = None  # (position ids tensor, its first position) from next_position_ids
         policy.setup(self)
         if policy.position_mode == "cache" and not all(
             policy.layer_budget(i, self.num_layers) == policy.layer_budget(0, self.num_layers)
@@ -273,7 +274,7 @@ class CompressedCache(Cache):
         k_store = unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1))
         n_cached = len(layer)
         if n_cached:
-            last = getattr(self, "_last_ids", None)
+            last = self._last_ids
             q0 = last[1] if last is not None and last[0] is position_ids else int(q_pos[0])
             rot_pos = self._key_positions(layer, q0, n_cached, query.device)
             cos_c, sin_c = self.rotary(layer_idx, rot_pos.reshape(B, -1), key_new)

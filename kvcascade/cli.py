@@ -28,15 +28,16 @@ def _parse_policy_args(items: list[str] | None) -> dict:
     return out
 
 
+def _read_file(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise KVCascadeError(f"cannot read {what} '{path}': {getattr(e, 'strerror', None) or e}")
+
+
 def _read_prompt(args) -> str:
-    if args.prompt_file is not None:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise KVCascadeError(f"cannot read prompt file '{args.prompt_file}': {getattr(e, 'strerror', None) or e}")
-    else:
-        text = args.prompt
+    text = _read_file(args.prompt_file, "prompt file") if args.prompt_file is not None else args.prompt
     if not text or not text.strip():
         raise KVCascadeError("the prompt is empty")
     return text
@@ -99,11 +100,7 @@ def cmd_demo(args) -> int:
 
 
 def _read_text_file(path: str, what: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise KVCascadeError(f"cannot read {what} '{path}': {getattr(e, 'strerror', None) or e}")
+    text = _read_file(path, what)
     if not text.strip():
         raise KVCascadeError(f"{what} '{path}' is empty")
     return text

@@ -15,13 +15,8 @@ import torch
 
 import kvcascade
 from kvcascade.eval import make_passkey, score_passkey
+from kvcascade.eval.runner import parse_length as parse_len
 from kvcascade.policies import parse_policy_spec
-
-
-def parse_len(s: str) -> int:
-    s = s.strip().lower()
-    mult = {"k": 1024, "m": 1024 * 1024}.get(s[-1], 1)
-    return int(float(s.rstrip("km")) * mult)
 
 
 def main():

@@ -216,4 +216,5 @@ class Cascade(Policy):
         idx = torch.cat(parts, dim=1)
         B, H = layer.keys.shape[:2]
         idx = idx.view(B, 1, -1).expand(B, H, -1) if self.head_reduction == "mean" else idx.view(B, H, -1)
-        layer.compact(idx)  # a gather of at most budget tokens: cheaper than asking the device whether it is a no-op
+        if idx.shape[-1] != n:  # nothing dropped means every token kept in its place: the order is by arrival
+            layer.compact(idx)
