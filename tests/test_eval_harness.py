@@ -156,8 +156,28 @@ def test_eval_cli(tiny_model_dir, tmp_path, capsys):
     assert "## niah_single" in capsys.readouterr().out
 
 
+def test_eval_workers_write_the_same_rows_as_one_process(tiny_model_dir, tmp_path):
+    common = ["eval", "passkey,vt", "--model", str(tiny_model_dir), "--policies", "streaming,h2o", "--budgets", "40",
+              "--lengths", "96,128", "--samples", "2", "--chunk-size", "32", "--quiet"]
+    assert cli_main(common + ["--out", str(tmp_path / "one")]) == 0
+    two = tmp_path / "two"
+    assert cli_main(common + ["--out", str(two), "--workers", "3"]) == 0
+    key = lambda r: (r["task"], r["policy"], r["length"], r["depth"], r["sample"])  # noqa: E731
+    one_rows = sorted(read_rows(tmp_path / "one"), key=key)
+    two_rows = sorted(read_rows(two), key=key)
+    assert len(one_rows) == len(two_rows) == 2 * 2 * 2 * 2
+    assert [(key(r), r["answer"], r["score"]) for r in one_rows] == [(key(r), r["answer"], r["score"]) for r in two_rows]
+    assert (two / "summary.md").exists() and not list(two.glob("worker-*.log")) and not list(two.glob(".shard-*"))
+    # a shard runs only its share: every third row of the grid
+    shard = tmp_path / "shard"
+    assert cli_main(common + ["--out", str(shard), "--shard", "1/3"]) == 0
+    assert len(read_rows(shard)) == 5 and not (shard / "summary.md").exists()
+
+
 @pytest.mark.parametrize("argv,msg", [
     (["eval", "nosuchtask"], "unknown task"),
+    (["eval", "passkey", "--workers", "0"], "--workers must be"),
+    (["eval", "passkey", "--shard", "3/2"], "bad shard"),
     (["eval", "passkey", "--policies", "nosuch"], "unknown policy"),
     (["eval", "passkey", "--budgets", "big"], "bad --budgets"),
     (["eval", "passkey", "--lengths", "lots"], "bad length"),

@@ -183,9 +183,31 @@ def run_one(model, tokenizer, task, pol, budget, length, depth, index, grid: Gri
             "kv_tokens_peak": g.kv_tokens_peak, **_peaks(model.device)}
 
 
+def _append_row(f, row: dict) -> None:
+    """Append one JSON line; under an exclusive lock where the OS has one (workers share the file)."""
+    line = json.dumps(row) + "\n"
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one process per folder
+        f.write(line)
+        f.flush()
+        return
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    try:
+        f.write(line)
+        f.flush()
+    finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def run_grid(model, tokenizer, grid: Grid, out_dir, model_name: str = "", prose: str | None = None,
-             ppl_text: str | None = None, progress: bool = True, report: bool = True) -> list[dict]:
-    """Run every missing row of ``grid`` into ``out_dir/results.jsonl``; then write the summary and plots."""
+             ppl_text: str | None = None, progress: bool = True, report: bool = True,
+             shard: tuple[int, int] | None = None) -> list[dict]:
+    """Run every missing row of ``grid`` into ``out_dir/results.jsonl``; then write the summary and plots.
+
+    ``shard=(k, n)``: run only the rows whose index in run order is ``k mod n`` (one of ``n`` workers; see
+    :mod:`kvcascade.eval.workers`), and write how many are to run to ``out_dir/.shard-k-of-n.todo``.
+    """
     grid.validate()
     if grid.full_max is None:
         grid.full_max = getattr(getattr(model.config, "get_text_config", lambda: model.config)(),
@@ -196,7 +218,9 @@ def run_grid(model, tokenizer, grid: Grid, out_dir, model_name: str = "", prose:
     except OSError as e:
         raise KVCascadeError(f"cannot create output folder '{out}': {e.strerror}") from None
     done = {row_key(r) for r in read_rows(out)}
-    todo = [r for r in grid.runs() if r not in done]
+    todo = [r for i, r in enumerate(grid.runs()) if r not in done and (shard is None or i % shard[1] == shard[0])]
+    if shard is not None:
+        (out / f".shard-{shard[0]}-of-{shard[1]}.todo").write_text(str(len(todo)))
     if any(parse_task_spec(t)[0] == "ppl" for t, *_ in todo) and ppl_text is None:
         from .ppl import kjv_text
 
@@ -215,8 +239,7 @@ def run_grid(model, tokenizer, grid: Grid, out_dir, model_name: str = "", prose:
                 bar.set_postfix_str(f"{task} {pol} b={budget} L={length} d={depth}")
             row = run_one(model, tokenizer, task, pol, budget, length, depth, index, grid, model_name, machine,
                           prose=prose, ppl_text=ppl_text)
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+            _append_row(f, row)
             if bar is not None:
                 bar.update(1)
     if bar is not None:

@@ -54,6 +54,18 @@ def _jit(fn):
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc):
+    """One key block of the online softmax (log2 domain, masked logits ``s`` = -inf): new ``(m_i, l_i, acc)``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KPOS,
                 sqb, sqh, sqc, skb, skh, skn, svb, svh, svn, sob, soh, soc, slb, slh, skpb, skph,
                 Hq, C, N, n_cached, group, scale_log2, qpos0, window,
@@ -93,14 +105,8 @@ def _fwd_kernel(Q, K, V, O, LSE, KPOS,
                 ok = (offs_n[None, :] >= full_hi) & _visible(offs_m, offs_n, N, n_cached, qpos0, window, kpos,
                                                               HAS_WINDOW)
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(vbase + offs_n[:, None] * svn + offs_d[None, :], mask=offs_n[:, None] < N, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(O + b * sob + hq * soh + offs_m[:, None] * soc + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -192,14 +198,8 @@ def _decode_kernel(Q, K, V, KPOS, OP, MP, LP, SC,
         if NEED_S:
             sc_ptr = SC + ((bh * BLOCK_G + rows[:, None]) * N + offs_n[None, :])
             tl.store(sc_ptr, s, mask=row_ok[:, None] & nmask[None, :])
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vbase + offs_n[:, None] * svn + offs_d[None, :], mask=nmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
     part = (bh * BLOCK_G + rows) * n_splits + pid_s
     tl.store(MP + part, m_i)
     tl.store(LP + part, l_i)
