@@ -54,3 +54,23 @@ def test_fallback_attention_without_our_cache(arch):
     with torch.no_grad():
         got = model(input_ids=ids).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_positions_option_of_h2o_and_tova(arch):
+    """``positions=cache`` numbers kept tokens by slot: H2O keeping only recent tokens is then the sliding window
+    (which uses slot positions), and the option changes the logits once tokens were dropped."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(4))
+    h2o_recent = make_policy("h2o", budget=12, recent_ratio=1.0, positions="cache")
+    assert h2o_recent.position_mode == "cache" and make_policy("h2o", budget=12).position_mode == "original"
+    got = run_chunks(model, CompressedCache(model, h2o_recent), ids, 5)
+    want = run_chunks(model, CompressedCache(model, make_policy("window", budget=12)), ids, 5)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for name in ("h2o", "tova"):
+        cached = run_chunks(model, CompressedCache(model, make_policy(name, budget=12, positions="cache")), ids, 5)
+        orig = run_chunks(model, CompressedCache(model, make_policy(name, budget=12)), ids, 5)
+        assert not torch.allclose(cached[:, -1], orig[:, -1], atol=1e-3)
+    from kvcascade.errors import KVCascadeError
+
+    with pytest.raises(KVCascadeError, match="positions must be original or cache"):
+        make_policy("tova", budget=12, positions="rolling")

@@ -83,6 +83,24 @@ class Policy:
         raise NotImplementedError
 
 
+class PositionsParam:
+    """Mixin for policies with original positions that can also run with in-cache positions (``positions=cache``).
+
+    With original positions, a prompt longer than the model's window reaches positions (and query-key distances)
+    the model never saw in training; ``positions=cache`` numbers kept tokens by slot, as StreamingLLM does, so
+    distances stay below ``budget + chunk``. Default ``original`` (the papers' setting).
+    """
+
+    POSITIONS_DOC = "original (token positions, the paper) or cache (slot positions, as StreamingLLM: for streams " \
+                    "longer than the model's window)"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.positions not in ("original", "cache"):
+            raise KVCascadeError(f"policy '{self.name}': positions must be original or cache, got '{self.positions}'")
+        self.position_mode = self.positions
+
+
 def _coerce(value, kind):
     if kind is bool:
         if isinstance(value, str):

@@ -4,20 +4,21 @@ Each KV head keeps its ``budget * recent_ratio`` most recent tokens plus the "he
 the largest attention mass accumulated over all queries so far. Scores are per KV head (summed over the
 query heads that share it). The paper evicts one token per generated token; with chunked prefill we evict
 after each chunk, scoring with the accumulated mass of every query seen so far (the usual prefill variant).
-Original positions.
+Original positions (``positions=cache``: slot positions, as StreamingLLM, for streams past the model's window).
 """
 
-from .base import Policy, keep_indices, recent_mask, register
+from .base import Policy, PositionsParam, keep_indices, recent_mask, register
 
 
 @register
-class H2O(Policy):
+class H2O(PositionsParam, Policy):
     """Heavy hitters (accumulated attention) + recent tokens, per KV head (H2O, arXiv 2306.14048)."""
 
     name = "h2o"
-    PARAMS = {"budget": 2048, "recent_ratio": 0.5}
+    PARAMS = {"budget": 2048, "recent_ratio": 0.5, "positions": "original"}
     DOCS = {"budget": "tokens kept per layer and KV head",
-            "recent_ratio": "share of the budget reserved for the most recent tokens (paper: 0.5)"}
+            "recent_ratio": "share of the budget reserved for the most recent tokens (paper: 0.5)",
+            "positions": PositionsParam.POSITIONS_DOC}
     needs_mass = True
 
     def validate(self) -> None:

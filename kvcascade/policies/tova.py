@@ -2,19 +2,21 @@
 
 When the layer is over budget, evict the tokens with the lowest attention weight from the *current* query
 (the newest token; for a prompt chunk, the chunk's last token), averaged over all heads of the layer, so the
-decision is shared by the heads of a layer. No accumulation across steps. Original positions.
+decision is shared by the heads of a layer. No accumulation across steps. Original positions
+(``positions=cache``: slot positions, as StreamingLLM, for streams past the model's window).
 """
 
-from .base import Policy, keep_indices, register
+from .base import Policy, PositionsParam, keep_indices, register
 
 
 @register
-class TOVA(Policy):
+class TOVA(PositionsParam, Policy):
     """Keep the tokens the newest query attends to most, averaged over heads (TOVA, arXiv 2401.06104)."""
 
     name = "tova"
-    PARAMS = {"budget": 2048}
-    DOCS = {"budget": "tokens kept per layer (all heads keep the same tokens)"}
+    PARAMS = {"budget": 2048, "positions": "original"}
+    DOCS = {"budget": "tokens kept per layer (all heads keep the same tokens)",
+            "positions": PositionsParam.POSITIONS_DOC}
     obs_window = 1
 
     def step(self, cache, layer, stats) -> None:
