@@ -34,6 +34,12 @@ Variant (ours, not in the paper): ``block=b > 1`` runs the same rule on units of
 several tokens (a 5-digit key is 5 tokens in Qwen's tokenizer) cannot survive there whole; units keep it
 together. See docs/results/README.md for the measurements that motivated it.
 
+Reach: with the pow2 rate a token leaves the last cascade at most ``W * (2**C - 1)`` arrivals after it came,
+whatever its score (scores decide *which* token holds a slot, not how long slots last). With budget 8192 the
+default 4 cascades reach ~31K tokens back; to hold a key 1M tokens back, raise ``cascades`` (12 cascades of
+32-token units reach 2.75M: ``cascade:block=32:cascades=12`` found 90% of keys in 1M-token prompts on the
+default 0.5B model with budget 4096 or 8192; the paper's defaults found none past 16K).
+
 Defaults and their sources: ``sinks=4`` (StreamingLLM, used by the paper); ``beta=0.999`` (the value the
 paper states; the official code's latest ``init_cache`` uses 0.9999 and an earlier one ``exp(-ln 100 / W)``);
 ``cascades=4`` (the paper reports 1 to 8; 4 is our default, tune per task); ``rate="pow2"`` and
@@ -72,7 +78,8 @@ class Cascade(Policy):
               "head_reduction": "mean", "eager_fill": True, "block": 1}
     DOCS = {"budget": "tokens kept per layer and KV head (sinks included)",
             "sinks": "first tokens kept forever",
-            "cascades": "number of sub-caches; each holds (budget - sinks - block + 1) // (cascades * block) units",
+            "cascades": "number of sub-caches; each holds W = (budget - sinks - block + 1) // (cascades * block) units; "
+                        "history reach ~ W * block * (2**cascades - 1) tokens",
             "beta": "EMA factor of the attention score (per query)",
             "rule": "ema (v2/v3: compare EMA scores) or fixed (v1: drop tokens offered when not due)",
             "rate": "pow2 (cascade i due every 2**i tokens) or pow3, pow4",
