@@ -2,8 +2,10 @@
 
 Storage, per layer (``B`` batch, ``H`` KV heads, ``N`` kept tokens, ``D`` head dim):
 
-* ``keys``   ``[B, H, N, D]`` keys **without** rotary embedding (un-rotated on arrival), so that a kept token
-  can be given any position later (in-cache positions for StreamingLLM and the cascade);
+* ``keys``   ``[B, H, N, D]`` keys. With in-cache positions (StreamingLLM, the cascade, ...) they are stored
+  **without** rotary embedding (un-rotated on arrival), so that a kept token can be given any position later;
+  with original positions (``full``, H2O, SnapKV, ...) a token's position never changes, so keys are stored
+  as they arrive, rotated (``CompressedCache.keys_rotated``), and the cache is not re-rotated every step;
 * ``values`` ``[B, H, N, D]``;
 * ``pos``    ``[B, H, N]`` original position of every kept token, increasing along ``N``;
 * ``score``  ``[B, H, N]`` float32, the policy's per-token score (accumulated mass, EMA, ...);
@@ -15,9 +17,9 @@ slot index. Different heads may keep different tokens (per-head policies), alway
 How it plugs into ``transformers`` 5.x: the attention modules call ``update(k, v, layer_idx)`` with keys
 already rotated at the ``position_ids`` the caller passed, then call the registered attention function
 ``"kvcascade"`` (see :func:`install`). ``update`` only hands the chunk over; the attention function calls
-:meth:`CompressedCache.attend`, which rotates the cached keys at their current positions, runs the attention
-kernel (that also returns per-key attention mass), stores the chunk un-rotated, and lets the policy compress
-the layer. Query positions are what :meth:`next_position_ids` gives (also what a stock model derives from
+:meth:`CompressedCache.attend`, which rotates the cached keys at their current positions (in-cache positions
+only), runs the attention kernel (that also returns per-key attention mass), stores the chunk, and lets the
+policy compress the layer. Query positions are what :meth:`next_position_ids` gives (also what a stock model derives from
 :meth:`get_seq_length` when no ``position_ids`` are passed): the token's original position for policies
 with ``position_mode = "original"``, the next in-cache slot for ``position_mode = "cache"``, so a model never
 sees a position past ``budget + chunk`` and a prompt far longer than its window runs.
@@ -198,6 +200,10 @@ class CompressedCache(Cache):
         self.phase: str | None = None  # set by the engine; inferred from the chunk size when None
         self.final_chunk = True  # the engine clears it for all but the last prompt chunk
         self._last_ids = None  # (position ids tensor, its first position) from next_position_ids
+        # Original positions never change, so those policies store keys as they arrive (rotated, like a plain
+        # transformers cache) and skip re-rotating the cache at every step; in-cache positions store them
+        # un-rotated and rotate at attention time.
+        self.keys_rotated = policy.position_mode == "original"
         policy.setup(self)
         if policy.position_mode == "cache" and not all(
             policy.layer_budget(i, self.num_layers) == policy.layer_budget(0, self.num_layers)
@@ -269,16 +275,20 @@ class CompressedCache(Cache):
         B, H, C, D = key_new.shape
         if position_ids is None:
             position_ids = self.next_position_ids(C, device=query.device)
-        q_pos = position_ids[0].to(query.device)
-        cos, sin = self.rotary(layer_idx, q_pos.view(1, -1), key_new)
-        k_store = unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1))
         n_cached = len(layer)
+        if self.keys_rotated:  # original positions: keys keep the rotation they arrived with
+            k_store, k_cached = key_new, layer.keys
+        else:
+            q_pos = position_ids[0].to(query.device)
+            cos, sin = self.rotary(layer_idx, q_pos.view(1, -1), key_new)
+            k_store = unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1))
+            if n_cached:
+                last = self._last_ids
+                q0 = last[1] if last is not None and last[0] is position_ids else int(q_pos[0])
+                rot_pos = self._key_positions(layer, q0, n_cached, query.device)
+                cos_c, sin_c = self.rotary(layer_idx, rot_pos.reshape(B, -1), key_new)
+                k_cached = apply_rope(layer.keys, cos_c.view(B, H, n_cached, D), sin_c.view(B, H, n_cached, D))
         if n_cached:
-            last = self._last_ids
-            q0 = last[1] if last is not None and last[0] is position_ids else int(q_pos[0])
-            rot_pos = self._key_positions(layer, q0, n_cached, query.device)
-            cos_c, sin_c = self.rotary(layer_idx, rot_pos.reshape(B, -1), key_new)
-            k_cached = apply_rope(layer.keys, cos_c.view(B, H, n_cached, D), sin_c.view(B, H, n_cached, D))
             k_all = torch.cat([k_cached, key_new], dim=2)
             v_all = torch.cat([layer.values, value_new], dim=2)
             k_orig = torch.cat([layer.pos, torch.arange(layer.seen, layer.seen + C, device=query.device)
