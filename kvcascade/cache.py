@@ -200,16 +200,19 @@ class CompressedCache(Cache):
         self.phase: str | None = None  # set by the engine; inferred from the chunk size when None
         self.final_chunk = True  # the engine clears it for all but the last prompt chunk
         self._last_ids = None  # (position ids tensor, its first position) from next_position_ids
-        # Original positions never change, so those policies store keys as they arrive (rotated, like a plain
-        # transformers cache) and skip re-rotating the cache at every step; in-cache positions store them
-        # un-rotated and rotate at attention time.
-        self.keys_rotated = policy.position_mode == "original"
         policy.setup(self)
         if policy.position_mode == "cache" and not all(
             policy.layer_budget(i, self.num_layers) == policy.layer_budget(0, self.num_layers)
             for i in range(self.num_layers)
         ):
             raise KVCascadeError(f"policy '{policy.name}': in-cache positions need the same budget in every layer")
+
+    @property
+    def keys_rotated(self) -> bool:
+        """Original positions never change, so those policies store keys as they arrive (rotated, like a plain
+        ``transformers`` cache) and the cache is not re-rotated every step; in-cache positions store keys
+        un-rotated and rotate them at attention time."""
+        return self.policy.position_mode == "original"
 
     # -- transformers Cache API --------------------------------------------------------------------------
     @property

@@ -26,6 +26,7 @@ from ..policies import make_policy, parse_policy_spec
 from .tasks import DEPTH_TASKS, RULER, make_sample, parse_task_spec, score
 
 RESULTS = "results.jsonl"
+SHARD_TODO = ".shard-{k}-of-{n}.todo"  # a worker's count of rows to run (read by kvcascade.eval.workers)
 
 
 def parse_length(s) -> int:
@@ -137,6 +138,15 @@ def read_rows(out_dir) -> list[dict]:
     return rows
 
 
+def make_out_dir(out_dir) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KVCascadeError(f"cannot create output folder '{out}': {e.strerror}") from None
+    return out
+
+
 def machine_name(model) -> str:
     dev = model.device
     if dev.type == "cuda":
@@ -212,15 +222,11 @@ def run_grid(model, tokenizer, grid: Grid, out_dir, model_name: str = "", prose:
     if grid.full_max is None:
         grid.full_max = getattr(getattr(model.config, "get_text_config", lambda: model.config)(),
                                 "max_position_embeddings", None)
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise KVCascadeError(f"cannot create output folder '{out}': {e.strerror}") from None
+    out = make_out_dir(out_dir)
     done = {row_key(r) for r in read_rows(out)}
     todo = [r for i, r in enumerate(grid.runs()) if r not in done and (shard is None or i % shard[1] == shard[0])]
     if shard is not None:
-        (out / f".shard-{shard[0]}-of-{shard[1]}.todo").write_text(str(len(todo)))
+        (out / SHARD_TODO.format(k=shard[0], n=shard[1])).write_text(str(len(todo)))
     if any(parse_task_spec(t)[0] == "ppl" for t, *_ in todo) and ppl_text is None:
         from .ppl import kjv_text
 

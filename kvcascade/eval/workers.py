@@ -12,15 +12,15 @@ folder stays resumable. With several GPUs, workers are spread over them round-ro
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from ..errors import KVCascadeError
-from .runner import RESULTS, read_rows
+from .runner import RESULTS, SHARD_TODO, make_out_dir, read_rows
 
-TODO_FILE = ".shard-{k}-of-{n}.todo"
 LOG_FILE = "worker-{k}.log"
 
 
@@ -71,18 +71,13 @@ def run_workers(n: int, child_args: list[str], out_dir, device: str = "cpu", pro
     """
     if n < 1:
         raise KVCascadeError(f"--workers must be >= 1, got {n}")
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise KVCascadeError(f"cannot create output folder '{out}': {e.strerror}") from None
+    out = make_out_dir(out_dir)
     for k in range(n):
-        (out / TODO_FILE.format(k=k, n=n)).unlink(missing_ok=True)
+        (out / SHARD_TODO.format(k=k, n=n)).unlink(missing_ok=True)
     gpus = _gpu_count(device)
     threads = max(1, (os.cpu_count() or 1) // n)
     start_rows = _count_rows(out)
     procs = []
-    import signal
 
     def _term(signum, frame):  # `timeout` or a scheduler stopping us: stop the workers too
         raise SystemExit(128 + signum)
@@ -105,7 +100,7 @@ def run_workers(n: int, child_args: list[str], out_dir, device: str = "cpu", pro
         while any(p.poll() is None for p, _ in procs):
             time.sleep(poll_s)
             if bar is not None:
-                todo = [out / TODO_FILE.format(k=k, n=n) for k in range(n)]
+                todo = [out / SHARD_TODO.format(k=k, n=n) for k in range(n)]
                 if bar.total is None and all(t.exists() for t in todo):
                     bar.total = sum(int(t.read_text() or 0) for t in todo)
                     bar.refresh()
@@ -136,6 +131,6 @@ def run_workers(n: int, child_args: list[str], out_dir, device: str = "cpu", pro
         raise KVCascadeError(f"{len(failed)} of {n} workers failed (worker {k}: exit {rc}: {' | '.join(tail)}); "
                              f"logs in {out}/worker-K.log; rerun to resume")
     for k in range(n):  # logs are kept only when something failed
-        (out / TODO_FILE.format(k=k, n=n)).unlink(missing_ok=True)
+        (out / SHARD_TODO.format(k=k, n=n)).unlink(missing_ok=True)
         (out / LOG_FILE.format(k=k)).unlink(missing_ok=True)
     return read_rows(out)
