@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvcascade import make_policy
+from kvcascade.errors import KVCascadeError
 from kvcascade.cache import AttnStats, CompressedCache
 from kvcascade.policies.cascade import segment_last_argmax
 
@@ -20,14 +21,41 @@ MODEL = tiny_model("llama", layers=2)
 class Simulator:
     """The paper's insertion rule, one token at a time, on plain Python lists (one head)."""
 
-    def __init__(self, sinks, cascades, window, every, eager, rule, block=1):
+    def __init__(self, sinks, cascades, window, every, eager, rule, block=1, recenter=False):
         self.S, self.C, self.W, self.every, self.eager, self.rule = sinks, cascades, window, every, eager, rule
-        self.b = block
+        self.b, self.recenter = block, recenter
         self.sinks, self.casc, self.score = [], [[] for _ in range(cascades)], {}
         self.pending = []
+        self.group = [[] for _ in range(cascades)]  # candidates for each cascade's newest slot in this stride
 
     def unit_score(self, u):
         return max(self.score[p] for p in range(u, u + self.b))
+
+    def new_stride(self):
+        """A stride's competitors for a slot are its holder at the stride's start and the stride's offers."""
+        self.group = [c[-1:] for c in self.casc]
+
+    def select(self, group):
+        """The slot's holder among ``group`` (unit starts in text order): the last highest unit score, then
+        (recenter) the b-window over the winner and its text-contiguous neighbours that holds the winner's
+        top token and has the largest score sum; ties: smallest shift, left first."""
+        w = max(range(len(group)), key=lambda j: (self.unit_score(group[j]), j))
+        u = group[w]
+        if not self.recenter:
+            return u
+        b = self.b
+        lo = group[w - 1] if w > 0 and group[w - 1] + b == u else u
+        hi = group[w + 1] + b if w + 1 < len(group) and u + b == group[w + 1] else u + b
+        vals = [self.score[p] for p in range(u, u + b)]
+        top = u + vals.index(max(vals))
+        best, best_sum = None, None
+        for o in [0] + [o for k in range(1, b) for o in (-k, k)]:
+            st = u + o
+            if lo <= st and st + b <= hi and st <= top < st + b:
+                tot = sum(self.score[p] for p in range(st, st + b))
+                if best is None or tot > best_sum:
+                    best, best_sum = st, tot
+        return best
 
     def insert(self, pos):
         if len(self.sinks) < self.S:
@@ -42,6 +70,7 @@ class Simulator:
         for i in range(self.C):
             due = t % self.every(i) == 0 or (self.eager and t < self.C * self.W)
             if due:
+                self.group[i] = [carry]
                 if len(self.casc[i]) < self.W:
                     self.casc[i].append(carry)
                     return
@@ -51,8 +80,10 @@ class Simulator:
             else:
                 if not self.casc[i]:
                     self.casc[i].append(carry)
-                elif self.rule == "ema" and self.unit_score(carry) >= self.unit_score(self.casc[i][-1]):
-                    self.casc[i][-1] = carry
+                    self.group[i] = [carry]
+                elif self.rule == "ema":
+                    self.group[i].append(carry)
+                    self.casc[i][-1] = self.select(self.group[i])
                 return
 
     def kept(self):
@@ -60,19 +91,20 @@ class Simulator:
         return self.sinks + [u + j for u in units for j in range(self.b)] + self.pending
 
 
-def drive(policy, strides, seed, heads=1):
+def drive(policy, strides, seed, heads=1, ties=True):
     """Feed strides of random attention mass straight into the policy; compare with the simulator."""
     rng = torch.Generator().manual_seed(seed)
     cache = CompressedCache(MODEL, policy)
     layer = cache.layers[0]
     sims = [Simulator(policy.sinks, policy.cascades, policy.units, policy.every, policy.eager_fill, policy.rule,
-                      policy.block) for _ in range(heads)]
+                      policy.block, policy.recenter) for _ in range(heads)]
     raw = [{} for _ in range(heads)]
     for c in strides:
         k = torch.zeros(1, heads, c, 16)
         layer.append(k, k)
         mass = torch.rand(1, heads, len(layer), generator=rng)
-        mass[mass < 0.3] = 0.5  # plenty of exact ties, to pin down the tie rule
+        if ties:
+            mass[mass < 0.3] = 0.5  # plenty of exact ties, to pin down the tie rule
         before = layer.pos.clone()
         decay = policy.beta ** c
         for h in range(heads):
@@ -84,6 +116,7 @@ def drive(policy, strides, seed, heads=1):
                 sims[0].score[p] = sum(raw[h][p] for h in range(heads)) / heads
         policy.step(cache, layer, AttnStats(mass, None, c, 1, "prefill", True))
         for h, sim in enumerate(sims if policy.head_reduction == "none" else sims[:1]):
+            sim.new_stride()
             for p in before[0, h].tolist()[len(before[0, h]) - c:]:
                 sim.insert(p)
             assert layer.pos[0, h].tolist() == sim.kept(), (h, layer.seen)
@@ -110,6 +143,54 @@ def test_vectorised_insertion_matches_per_token_rule(sinks, cascades, window, st
                          eager_fill=eager, head_reduction="none" if per_head else "mean", block=block)
     assert policy.units == window
     drive(policy, strides, seed, heads=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sinks=st.integers(0, 3), cascades=st.integers(1, 4), window=st.integers(1, 4),
+    strides=st.lists(st.integers(1, 23), min_size=1, max_size=12), seed=st.integers(0, 10_000),
+    rate=st.sampled_from(["pow2", "pow3"]), eager=st.booleans(), per_head=st.booleans(), block=st.sampled_from([2, 3, 4]),
+)
+def test_recentred_insertion_matches_per_token_rule(sinks, cascades, window, strides, seed, rate, eager, per_head,
+                                                    block):
+    budget = sinks + cascades * window * block + block - 1
+    policy = make_policy("cascade", budget=budget, sinks=sinks, cascades=cascades, beta=0.9, rate=rate,
+                         eager_fill=eager, head_reduction="none" if per_head else "mean", block=block, recenter=True)
+    cache = drive(policy, strides, seed, heads=2, ties=False)
+    layer = cache.layers[0]
+    for h in range(layer.pos.shape[1]):  # every kept unit is still b tokens contiguous in the text
+        pos = layer.pos[0, h].tolist()[min(sinks, layer.seen):]
+        pos = pos[:len(pos) - layer.state["pending"]]
+        assert len(pos) % block == 0
+        assert all(pos[j + block - 1] - pos[j] == block - 1 for j in range(0, len(pos), block))
+
+
+def test_recenter_keeps_a_needle_cut_by_a_unit_boundary_whole():
+    """One sink, units of 4 tokens (1-4, 5-8, 9-12, 13-16), two cascades of one unit. A 3-token 'needle' at
+    text positions 7, 8, 9 straddles units 5-8 and 9-12, which compete for cascade 1's slot (5-8 arrives when
+    the slot is due, 9-12 when it is not). 5-8 holds the top token (7) and wins. Without recentring the needle
+    loses token 9; with it the slot slides to 6-9 (sums: 5-8 1.92, 6-9 2.71, 7-10 2.71; the smaller shift wins)."""
+    kept = {}
+    for recenter in (False, True):
+        policy = make_policy("cascade", budget=1 + 2 * 1 * 4 + 3, sinks=1, cascades=2, beta=0.5, block=4,
+                             eager_fill=False, recenter=recenter)
+        cache = CompressedCache(MODEL, policy)
+        layer = cache.layers[0]
+        k = torch.zeros(1, 1, 17, 16)
+        layer.append(k, k)
+        mass = torch.full((1, 1, 17), 0.01)
+        mass[0, 0, 7:10] = torch.tensor([1.0, 0.9, 0.8])
+        policy.step(cache, layer, AttnStats(mass, None, 17, 1, "prefill", True))
+        kept[recenter] = layer.pos[0, 0].tolist()
+    assert kept[False] == [0, 5, 6, 7, 8, 13, 14, 15, 16]
+    assert kept[True] == [0, 6, 7, 8, 9, 13, 14, 15, 16]
+
+
+def test_recenter_needs_blocks():
+    with pytest.raises(KVCascadeError, match="recenter"):
+        make_policy("cascade", budget=64, recenter=True)
+    with pytest.raises(KVCascadeError, match="recenter"):
+        make_policy("cascade", budget=64, block=4, rule="fixed", recenter=True)
 
 
 def test_accepted_tokens_come_from_the_previous_cascade():
@@ -191,3 +272,24 @@ def test_cascade_spans_longer_history_than_streaming():
     # a 36-token streaming window reaches back to 364; four cascades of 8 reach ~ 8 * (1 + 2 + 4 + 8) = 120 back
     assert oldest_non_sink < 400 - 36 - 40
     assert len(layer) == 36
+
+
+def test_recentred_variant_on_a_model(arch):
+    """The recentred block variant through a real architecture: equals the full cache while everything fits;
+    under pressure (per-KV-head selection) stays within budget and keeps every unit contiguous in the text."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, model.config.vocab_size, (1, 120), generator=torch.Generator().manual_seed(7))
+    spec = dict(sinks=2, cascades=3, block=4, recenter=True, beta=0.9)
+    got = run_chunks(model, CompressedCache(model, make_policy("cascade", budget=2 + 3 * 40 * 4 + 3, **spec)),
+                     ids[:, :40], 9)
+    torch.testing.assert_close(got, reference_logits(model, ids[:, :40]), rtol=1e-4, atol=1e-4)
+    policy = make_policy("cascade", budget=2 + 3 * 3 * 4 + 3, head_reduction="none", **spec)
+    cache = CompressedCache(model, policy)
+    run_chunks(model, cache, ids, 11)
+    for layer in cache.layers:
+        if layer.is_sliding:
+            continue
+        assert len(layer) <= policy.budget
+        for row in layer.pos[0]:
+            units = row.tolist()[2:len(row) - layer.state["pending"]]
+            assert all(units[j + 3] - units[j] == 3 for j in range(0, len(units), 4))

@@ -32,7 +32,11 @@ Variant (ours, not in the paper): ``block=b > 1`` runs the same rule on units of
 (a unit's score is its tokens' largest EMA score; an unfinished unit waits in ``b - 1`` extra slots). With
 ``block=1`` (default) consecutive tokens compete for one slot from cascade 1 on, so a needle spread over
 several tokens (a 5-digit key is 5 tokens in Qwen's tokenizer) cannot survive there whole; units keep it
-together. See docs/results/README.md for the measurements that motivated it.
+together. See docs/results/README.md for the measurements that motivated it. ``recenter=1`` (also ours)
+fixes the case units leave: a needle cut by a unit boundary. When the winner of a competition and a loser next
+to it are contiguous in the text, the slot keeps the ``b``-token window over both that holds the winner's top
+token and has the most score mass; two halves of a needle then end up in one unit instead of one half being
+dropped. Winners are picked exactly as without it; only which ``b`` tokens the slot keeps changes.
 
 Reach: with the pow2 rate a token leaves the last cascade at most ``W * (2**C - 1)`` arrivals after it came,
 whatever its score (scores decide *which* token holds a slot, not how long slots last). With budget 8192 the
@@ -75,7 +79,7 @@ class Cascade(Policy):
     name = "cascade"
     position_mode = "cache"
     PARAMS = {"budget": 2048, "sinks": 4, "cascades": 4, "beta": 0.999, "rule": "ema", "rate": "pow2",
-              "head_reduction": "mean", "eager_fill": True, "block": 1}
+              "head_reduction": "mean", "eager_fill": True, "block": 1, "recenter": False}
     DOCS = {"budget": "tokens kept per layer and KV head (sinks included)",
             "sinks": "first tokens kept forever",
             "cascades": "number of sub-caches; each holds W = (budget - sinks - block + 1) // (cascades * block) units; "
@@ -85,7 +89,9 @@ class Cascade(Policy):
             "rate": "pow2 (cascade i due every 2**i tokens) or pow3, pow4",
             "head_reduction": "mean (heads share one selection) or none (per-KV-head cascades)",
             "eager_fill": "accept every token until the cascades are full",
-            "block": "1 = the paper (tokens); b > 1 = our variant: units of b consecutive tokens, scored by their max"}
+            "block": "1 = the paper (tokens); b > 1 = our variant: units of b consecutive tokens, scored by their max",
+            "recenter": "with block > 1 (ours): when adjacent units compete, the winner slides over both to the "
+                        "b-token window around its top token with the most score mass"}
     needs_mass = True
 
     def validate(self) -> None:
@@ -103,6 +109,8 @@ class Cascade(Policy):
             raise KVCascadeError(f"policy 'cascade': rule must be 'ema' or 'fixed', got {self.rule!r}")
         if self.rate not in ("pow2", "pow3", "pow4"):
             raise KVCascadeError(f"policy 'cascade': rate must be pow2, pow3 or pow4, got {self.rate!r}")
+        if self.recenter and (self.block < 2 or self.rule != "ema"):
+            raise KVCascadeError("policy 'cascade': recenter needs block > 1 and rule=ema")
         if self.head_reduction not in ("mean", "none"):
             raise KVCascadeError(f"policy 'cascade': head_reduction must be 'mean' or 'none', got "
                                  f"{self.head_reduction!r}")
@@ -127,6 +135,30 @@ class Cascade(Policy):
         """Per-query weights that turn the summed mass into the exact per-query EMA increment."""
         return (1 - self.beta) * self.beta ** torch.arange(n_queries - 1, -1, -1, device=device, dtype=torch.float32)
 
+    def _recenter(self, cand, cgid, pick, winners, tok_scores, win_sums, pos_rows) -> torch.Tensor:
+        """Slide each group's winning unit (start ``winners``, index ``pick`` into the candidates ``cand``) over
+        its neighbours in the group that are contiguous with it in the text: the kept ``b``-token window is the
+        one that still holds the winner's top-scoring token and has the largest score sum (ties: the smallest
+        shift, left before right). A needle cut by a unit boundary then stays whole instead of losing a half.
+        All windows stay inside the group's candidates, so no token is kept twice."""
+        b, dev = self.block, cand.device
+        R, m = cand.shape
+        g = torch.arange(pick.shape[1], device=dev).view(1, -1)
+        prev_i, next_i = (pick - 1).clamp(min=0), (pick + 1).clamp(max=m - 1)
+        s_prev, s_next = cand.gather(1, prev_i), cand.gather(1, next_i)
+        has_prev = (pick > 0) & (cgid[prev_i] == g) & (pos_rows.gather(1, s_prev + b - 1) + 1 == pos_rows.gather(1, winners))
+        has_next = (pick < m - 1) & (cgid[next_i] == g) & (pos_rows.gather(1, winners + b - 1) + 1 == pos_rows.gather(1, s_next))
+        lo = torch.where(has_prev, s_prev, winners)
+        hi = torch.where(has_next, s_next + b, winners + b)
+        span = torch.arange(b, device=dev)
+        top = winners + tok_scores.gather(1, (winners.unsqueeze(-1) + span).view(R, -1)).view(R, -1, b).argmax(-1)
+        shifts = torch.tensor([0] + [o for k in range(1, b) for o in (-k, k)], device=dev)
+        st = winners.unsqueeze(-1) + shifts  # [R, G, 2b - 1]
+        ok = (st >= lo.unsqueeze(-1)) & (st + b <= hi.unsqueeze(-1)) & (st <= top.unsqueeze(-1)) & (top.unsqueeze(-1) < st + b)
+        sums = win_sums.gather(1, st.clamp(0, win_sums.shape[1] - 1).view(R, -1)).view(st.shape)
+        best = torch.where(ok, sums, torch.full_like(sums, float("-inf"))).argmax(-1, keepdim=True)
+        return st.gather(-1, best).squeeze(-1)
+
     # -- the policy step ---------------------------------------------------------------------------------
     def step(self, cache, layer, stats) -> None:
         c = stats.n_queries
@@ -148,9 +180,13 @@ class Cascade(Policy):
         else:
             row_scores = layer.score.reshape(-1, n)
         R = row_scores.shape[0]
+        tok_scores = row_scores
         if b > 1:  # a unit's score is the largest score among its b tokens; unit = pool index of its first token
             padded = torch.nn.functional.pad(row_scores, (0, b - 1), value=float("-inf"))
             row_scores = padded.unfold(1, b, 1).amax(dim=-1)
+        if self.recenter:
+            win_sums = torch.nn.functional.pad(tok_scores, (0, b - 1)).unfold(1, b, 1).sum(dim=-1)
+            pos_rows = (layer.pos[:, 0] if self.head_reduction == "mean" else layer.pos.reshape(-1, n))
 
         r0 = stride_start + new_sinks - pending  # first token not yet in a complete block
         n_blocks = (n - r0) // b
@@ -197,6 +233,8 @@ class Cascade(Policy):
                     0, cgid, torch.arange(cand.shape[1], device=dev), reduce="amin", include_self=False)
                 pick = first.view(1, -1).expand(R, -1)
             winners = cand.gather(1, pick)
+            if self.recenter:
+                winners = self._recenter(cand, cgid, pick, winners, tok_scores, win_sums, pos_rows)
             slots = torch.cat([existing[:, :-1] if merge else existing, winners], dim=1)
             create_times = times[creates]
             total = slots.shape[1]
