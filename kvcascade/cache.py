@@ -9,7 +9,8 @@ Storage, per layer (``B`` batch, ``H`` KV heads, ``N`` kept tokens, ``D`` head d
 * ``values`` ``[B, H, N, D]``;
 * ``pos``    ``[B, H, N]`` original position of every kept token, increasing along ``N``;
 * ``score``  ``[B, H, N]`` float32, the policy's per-token score (accumulated mass, EMA, ...);
-* ``state``  per-layer policy state that is not per token (e.g. the cascade's slot counts).
+* ``state``  per-layer policy state that is not per token (e.g. the cascade's slot counts);
+* ``extra``  more per-token float tensors a policy keeps, by name (e.g. the cascade's peak scores).
 
 Tokens of each (batch, head) are kept sorted by original position; a token's *in-cache position* is its
 slot index. Different heads may keep different tokens (per-head policies), always the same count.
@@ -80,6 +81,7 @@ class LayerCache:
         self.pos: torch.Tensor | None = None
         self.score: torch.Tensor | None = None
         self.state: dict = {}
+        self.extra: dict[str, torch.Tensor] = {}  # more per-token float tensors [B, H, N] a policy keeps (zero on arrival)
         self.seen = 0  # tokens this layer has received so far
         self.peak_tokens = 0
         self.peak_bytes = 0
@@ -110,6 +112,8 @@ class LayerCache:
             self.values = torch.cat([self.values, v], dim=2)
             self.pos = torch.cat([self.pos, pos], dim=2)
             self.score = torch.cat([self.score, score], dim=2)
+            for name, t in self.extra.items():
+                self.extra[name] = torch.cat([t, torch.zeros_like(score, dtype=t.dtype)], dim=2)
         self.seen += C
 
     def compact(self, idx: torch.Tensor) -> None:
@@ -122,6 +126,7 @@ class LayerCache:
             self.values = self.values[:, :, idx]
             self.pos = self.pos[:, :, idx]
             self.score = self.score[:, :, idx]
+            self.extra = {name: t[:, :, idx] for name, t in self.extra.items()}
             return
         idx = idx.expand(B, H, idx.shape[-1])
         idx4 = idx.unsqueeze(-1).expand(B, H, idx.shape[-1], D)
@@ -129,6 +134,7 @@ class LayerCache:
         self.values = torch.gather(self.values, 2, idx4)
         self.pos = torch.gather(self.pos, 2, idx)
         self.score = torch.gather(self.score, 2, idx)
+        self.extra = {name: torch.gather(t, 2, idx) for name, t in self.extra.items()}
 
     def keep_last(self, n: int) -> None:
         if len(self) > n:

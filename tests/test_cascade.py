@@ -21,19 +21,26 @@ MODEL = tiny_model("llama", layers=2)
 class Simulator:
     """The paper's insertion rule, one token at a time, on plain Python lists (one head)."""
 
-    def __init__(self, sinks, cascades, window, every, eager, rule, block=1, recenter=False):
+    def __init__(self, sinks, cascades, window, every, eager, rule, block=1, recenter=False, peak=False):
         self.S, self.C, self.W, self.every, self.eager, self.rule = sinks, cascades, window, every, eager, rule
-        self.b, self.recenter = block, recenter
+        self.b, self.recenter, self.peak = block, recenter, peak
         self.sinks, self.casc, self.score = [], [[] for _ in range(cascades)], {}
+        self.sel = self.score  # what competitions compare: the current score, or (peak) the highest so far
+        if peak:
+            self.sel = {}
         self.pending = []
         self.group = [[] for _ in range(cascades)]  # candidates for each cascade's newest slot in this stride
 
     def unit_score(self, u):
-        return max(self.score[p] for p in range(u, u + self.b))
+        return max(self.sel[p] for p in range(u, u + self.b))
 
-    def new_stride(self):
-        """A stride's competitors for a slot are its holder at the stride's start and the stride's offers."""
+    def new_stride(self, tokens):
+        """A stride's competitors for a slot are its holder at the stride's start and the stride's offers;
+        ``tokens``: the positions in the cache, whose scores were just updated."""
         self.group = [c[-1:] for c in self.casc]
+        if self.peak:
+            for p in tokens:
+                self.sel[p] = max(self.sel.get(p, 0.0), self.score[p])
 
     def select(self, group):
         """The slot's holder among ``group`` (unit starts in text order): the last highest unit score, then
@@ -46,13 +53,13 @@ class Simulator:
         b = self.b
         lo = group[w - 1] if w > 0 and group[w - 1] + b == u else u
         hi = group[w + 1] + b if w + 1 < len(group) and u + b == group[w + 1] else u + b
-        vals = [self.score[p] for p in range(u, u + b)]
+        vals = [self.sel[p] for p in range(u, u + b)]
         top = u + vals.index(max(vals))
         best, best_sum = None, None
         for o in [0] + [o for k in range(1, b) for o in (-k, k)]:
             st = u + o
             if lo <= st and st + b <= hi and st <= top < st + b:
-                tot = sum(self.score[p] for p in range(st, st + b))
+                tot = sum(self.sel[p] for p in range(st, st + b))
                 if best is None or tot > best_sum:
                     best, best_sum = st, tot
         return best
@@ -97,7 +104,7 @@ def drive(policy, strides, seed, heads=1, ties=True):
     cache = CompressedCache(MODEL, policy)
     layer = cache.layers[0]
     sims = [Simulator(policy.sinks, policy.cascades, policy.units, policy.every, policy.eager_fill, policy.rule,
-                      policy.block, policy.recenter) for _ in range(heads)]
+                      policy.block, policy.recenter, policy.select == "peak") for _ in range(heads)]
     raw = [{} for _ in range(heads)]
     for c in strides:
         k = torch.zeros(1, heads, c, 16)
@@ -116,7 +123,7 @@ def drive(policy, strides, seed, heads=1, ties=True):
                 sims[0].score[p] = sum(raw[h][p] for h in range(heads)) / heads
         policy.step(cache, layer, AttnStats(mass, None, c, 1, "prefill", True))
         for h, sim in enumerate(sims if policy.head_reduction == "none" else sims[:1]):
-            sim.new_stride()
+            sim.new_stride(before[0, h].tolist())
             for p in before[0, h].tolist()[len(before[0, h]) - c:]:
                 sim.insert(p)
             assert layer.pos[0, h].tolist() == sim.kept(), (h, layer.seen)
@@ -163,6 +170,36 @@ def test_recentred_insertion_matches_per_token_rule(sinks, cascades, window, str
         pos = pos[:len(pos) - layer.state["pending"]]
         assert len(pos) % block == 0
         assert all(pos[j + block - 1] - pos[j] == block - 1 for j in range(0, len(pos), block))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sinks=st.integers(0, 3), cascades=st.integers(1, 4), window=st.integers(1, 4),
+    strides=st.lists(st.integers(1, 23), min_size=1, max_size=12), seed=st.integers(0, 10_000),
+    per_head=st.booleans(), block=st.sampled_from([1, 2, 3]), recenter=st.booleans(),
+)
+def test_peak_selection_matches_per_token_rule(sinks, cascades, window, strides, seed, per_head, block, recenter):
+    budget = sinks + cascades * window * block + block - 1
+    policy = make_policy("cascade", budget=budget, sinks=sinks, cascades=cascades, beta=0.5, select="peak",
+                         head_reduction="none" if per_head else "mean", block=block, recenter=recenter and block > 1)
+    drive(policy, strides, seed, heads=2, ties=False)
+
+
+def test_peak_remembers_a_burst_of_attention():
+    """One token per stride, beta 0.5, two cascades of one slot. Tokens 1 and 2 compete for cascade 1's slot
+    at t = 3: token 1 drew a burst (2.0) at t = 1, then nothing (EMA 2.0 -> 1.0 -> 0.5); token 2 draws 0.1
+    then 0.9 (EMA 0.1 -> 0.95). The EMA rule keeps token 2, select=peak keeps token 1 (peak 2.0 > 0.95)."""
+    kept = {}
+    for select in ("ema", "peak"):
+        policy = make_policy("cascade", budget=2, sinks=0, cascades=2, beta=0.5, eager_fill=False, select=select)
+        cache = CompressedCache(MODEL, policy)
+        layer = cache.layers[0]
+        k = torch.zeros(1, 1, 1, 16)
+        for mass in ([0.1], [0.1, 2.0], [0.0, 0.0, 0.1], [0.0, 0.9, 0.0]):  # pools [0], [0 1], [0 1 2], [1 2 3]
+            layer.append(k, k)
+            policy.step(cache, layer, AttnStats(torch.tensor([[mass]]), None, 1, 1, "prefill", True))
+        kept[select] = layer.pos[0, 0].tolist()
+    assert kept == {"ema": [2, 3], "peak": [1, 3]}
 
 
 def test_recenter_keeps_a_needle_cut_by_a_unit_boundary_whole():

@@ -37,6 +37,9 @@ fixes the case units leave: a needle cut by a unit boundary. When the winner of 
 to it are contiguous in the text, the slot keeps the ``b``-token window over both that holds the winner's top
 token and has the most score mass; two halves of a needle then end up in one unit instead of one half being
 dropped. Winners are picked exactly as without it; only which ``b`` tokens the slot keeps changes.
+``select=peak`` (ours) compares the highest EMA score a token has had (taken at the end of every stride and
+every decoded token) instead of its current one: a deep cascade decides thousands of tokens after a token
+arrived, when the EMA of a key that drew attention once has decayed to the level of any filler.
 
 Reach: with the pow2 rate a token leaves the last cascade at most ``W * (2**C - 1)`` arrivals after it came,
 whatever its score (scores decide *which* token holds a slot, not how long slots last). With budget 8192 the
@@ -79,7 +82,8 @@ class Cascade(Policy):
     name = "cascade"
     position_mode = "cache"
     PARAMS = {"budget": 2048, "sinks": 4, "cascades": 4, "beta": 0.999, "rule": "ema", "rate": "pow2",
-              "head_reduction": "mean", "eager_fill": True, "block": 1, "recenter": False}
+              "head_reduction": "mean", "eager_fill": True, "block": 1, "recenter": False,
+              "select": "ema"}
     DOCS = {"budget": "tokens kept per layer and KV head (sinks included)",
             "sinks": "first tokens kept forever",
             "cascades": "number of sub-caches; each holds W = (budget - sinks - block + 1) // (cascades * block) units; "
@@ -91,7 +95,9 @@ class Cascade(Policy):
             "eager_fill": "accept every token until the cascades are full",
             "block": "1 = the paper (tokens); b > 1 = our variant: units of b consecutive tokens, scored by their max",
             "recenter": "with block > 1 (ours): when adjacent units compete, the winner slides over both to the "
-                        "b-token window around its top token with the most score mass"}
+                        "b-token window around its top token with the most score mass",
+            "select": "ema (the paper: competitions compare current EMA scores) or peak (ours: the highest EMA "
+                      "score a token has had, at stride ends)"}
     needs_mass = True
 
     def validate(self) -> None:
@@ -111,6 +117,8 @@ class Cascade(Policy):
             raise KVCascadeError(f"policy 'cascade': rate must be pow2, pow3 or pow4, got {self.rate!r}")
         if self.recenter and (self.block < 2 or self.rule != "ema"):
             raise KVCascadeError("policy 'cascade': recenter needs block > 1 and rule=ema")
+        if self.select not in ("ema", "peak"):
+            raise KVCascadeError(f"policy 'cascade': select must be 'ema' or 'peak', got {self.select!r}")
         if self.head_reduction not in ("mean", "none"):
             raise KVCascadeError(f"policy 'cascade': head_reduction must be 'mean' or 'none', got "
                                  f"{self.head_reduction!r}")
@@ -179,6 +187,13 @@ class Cascade(Policy):
             row_scores = layer.score.mean(dim=1)
         else:
             row_scores = layer.score.reshape(-1, n)
+        if self.select == "peak":  # the highest selection score each token has had (new tokens arrive with 0)
+            peak = layer.extra.get("peak")
+            if peak is None:
+                peak = torch.zeros_like(layer.score)
+            peak = torch.maximum(peak, row_scores.view(layer.score.shape[0], -1, n).expand_as(peak))
+            layer.extra["peak"] = peak
+            row_scores = peak[:, 0] if self.head_reduction == "mean" else peak.reshape(-1, n)
         R = row_scores.shape[0]
         tok_scores = row_scores
         if b > 1:  # a unit's score is the largest score among its b tokens; unit = pool index of its first token
