@@ -21,7 +21,7 @@ import torch
 import kvcascade
 from kvcascade.cache import CompressedCache
 from kvcascade.engine import prefill, tokenize
-from kvcascade.eval.tasks import make_sample, score_first_number
+from kvcascade.eval.tasks import PASSKEY_NEEDLE, make_sample, score_first_number
 from kvcascade.policies import make_policy, parse_policy_spec
 
 
@@ -52,7 +52,7 @@ def main():
         s = make_sample("passkey", tok, a.length, depth, seed=a.seed * 1000 + i)
         ids = tokenize(tok, s.prompt)
         key = s.answers[0]
-        needle = tok(f"The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False).input_ids
+        needle = tok(PASSKEY_NEEDLE.format(key=key), add_special_tokens=False).input_ids
         key_ids = tok(f" {key}", add_special_tokens=False).input_ids
         bare_ids = tok(f"{key}", add_special_tokens=False).input_ids
         copies = [(p, len(key_ids)) for p in find(ids, key_ids, s.needle_token)]

@@ -10,7 +10,7 @@ import torch
 import kvcascade
 from kvcascade.cache import CompressedCache
 from kvcascade.engine import prefill, tokenize
-from kvcascade.eval.tasks import make_sample
+from kvcascade.eval.tasks import PASSKEY_NEEDLE, make_sample
 from kvcascade.policies import make_policy, parse_policy_spec
 
 ap = argparse.ArgumentParser(description=__doc__)
@@ -25,8 +25,7 @@ a = ap.parse_args()
 model, tok = kvcascade.load_model(device=a.device, progress=False)
 s = make_sample("passkey", tok, a.length, a.depth, seed=a.seed)
 ids = tokenize(tok, s.prompt)
-needle_len = len(tok(f"The pass key is {s.answers[0]}. Remember it. {s.answers[0]} is the pass key. ",
-                     add_special_tokens=False).input_ids)
+needle_len = len(tok(PASSKEY_NEEDLE.format(key=s.answers[0]), add_special_tokens=False).input_ids)
 span = torch.arange(s.needle_token, s.needle_token + needle_len, device=model.device)
 print(f"{s.tokens} tokens, needle at token {s.needle_token} ({needle_len} tokens), budget {a.budget}")
 for spec in a.policies.split(","):

@@ -143,28 +143,27 @@ class Cascade(Policy):
         """Per-query weights that turn the summed mass into the exact per-query EMA increment."""
         return (1 - self.beta) * self.beta ** torch.arange(n_queries - 1, -1, -1, device=device, dtype=torch.float32)
 
-    def _recenter(self, cand, cgid, pick, winners, tok_scores, win_sums, pos_rows) -> torch.Tensor:
+    def _recenter(self, cand, cgid, pick, winners, rc: dict) -> torch.Tensor:
         """Slide each group's winning unit (start ``winners``, index ``pick`` into the candidates ``cand``) over
         its neighbours in the group that are contiguous with it in the text: the kept ``b``-token window is the
         one that still holds the winner's top-scoring token and has the largest score sum (ties: the smallest
         shift, left before right). A needle cut by a unit boundary then stays whole instead of losing a half.
-        All windows stay inside the group's candidates, so no token is kept twice."""
-        b, dev = self.block, cand.device
-        R, m = cand.shape
-        g = torch.arange(pick.shape[1], device=dev).view(1, -1)
+        All windows stay inside the group's candidates, so no token is kept twice. ``rc``: the step's per-row
+        ``pos``, per-start window ``sums`` and ``top`` offsets, and the ``shifts`` to try, in preference order."""
+        b, pos, sums = self.block, rc["pos"], rc["sums"]
+        m = cand.shape[1]
+        g = torch.arange(pick.shape[1], device=cand.device).view(1, -1)
         prev_i, next_i = (pick - 1).clamp(min=0), (pick + 1).clamp(max=m - 1)
         s_prev, s_next = cand.gather(1, prev_i), cand.gather(1, next_i)
-        has_prev = (pick > 0) & (cgid[prev_i] == g) & (pos_rows.gather(1, s_prev + b - 1) + 1 == pos_rows.gather(1, winners))
-        has_next = (pick < m - 1) & (cgid[next_i] == g) & (pos_rows.gather(1, winners + b - 1) + 1 == pos_rows.gather(1, s_next))
-        lo = torch.where(has_prev, s_prev, winners)
-        hi = torch.where(has_next, s_next + b, winners + b)
-        span = torch.arange(b, device=dev)
-        top = winners + tok_scores.gather(1, (winners.unsqueeze(-1) + span).view(R, -1)).view(R, -1, b).argmax(-1)
-        shifts = torch.tensor([0] + [o for k in range(1, b) for o in (-k, k)], device=dev)
-        st = winners.unsqueeze(-1) + shifts  # [R, G, 2b - 1]
-        ok = (st >= lo.unsqueeze(-1)) & (st + b <= hi.unsqueeze(-1)) & (st <= top.unsqueeze(-1)) & (top.unsqueeze(-1) < st + b)
-        sums = win_sums.gather(1, st.clamp(0, win_sums.shape[1] - 1).view(R, -1)).view(st.shape)
-        best = torch.where(ok, sums, torch.full_like(sums, float("-inf"))).argmax(-1, keepdim=True)
+        has_prev = (pick > 0) & (cgid[prev_i] == g) & (pos.gather(1, s_prev + b - 1) + 1 == pos.gather(1, winners))
+        has_next = (pick < m - 1) & (cgid[next_i] == g) & (pos.gather(1, winners + b - 1) + 1 == pos.gather(1, s_next))
+        lo = torch.where(has_prev, s_prev, winners).unsqueeze(-1)
+        hi = torch.where(has_next, s_next + b, winners + b).unsqueeze(-1)
+        top = (winners + rc["top"].gather(1, winners)).unsqueeze(-1)
+        st = winners.unsqueeze(-1) + rc["shifts"]  # [R, G, 2b - 1]
+        ok = (st >= lo) & (st + b <= hi) & (st <= top) & (top < st + b)
+        st_sums = sums.gather(1, st.clamp(0, sums.shape[1] - 1).flatten(1)).view(st.shape)
+        best = torch.where(ok, st_sums, torch.full_like(st_sums, float("-inf"))).argmax(-1, keepdim=True)
         return st.gather(-1, best).squeeze(-1)
 
     # -- the policy step ---------------------------------------------------------------------------------
@@ -183,25 +182,26 @@ class Cascade(Policy):
         new_sinks = max(0, min(c, S - seen_before))
         stride_start = n - c
         # row scores: [R, n]; rows are batch (shared selection) or batch*heads
-        if self.head_reduction == "mean":
-            row_scores = layer.score.mean(dim=1)
-        else:
-            row_scores = layer.score.reshape(-1, n)
+        shared = self.head_reduction == "mean"
+        rows = (lambda t: t[:, 0]) if shared else (lambda t: t.reshape(-1, n))  # noqa: E731 - [B, H, n] -> rows
+        row_scores = layer.score.mean(dim=1) if shared else rows(layer.score)
         if self.select == "peak":  # the highest selection score each token has had (new tokens arrive with 0)
             peak = layer.extra.get("peak")
             if peak is None:
                 peak = torch.zeros_like(layer.score)
             peak = torch.maximum(peak, row_scores.view(layer.score.shape[0], -1, n).expand_as(peak))
             layer.extra["peak"] = peak
-            row_scores = peak[:, 0] if self.head_reduction == "mean" else peak.reshape(-1, n)
+            row_scores = rows(peak)
         R = row_scores.shape[0]
-        tok_scores = row_scores
+        rc = None
         if b > 1:  # a unit's score is the largest score among its b tokens; unit = pool index of its first token
-            padded = torch.nn.functional.pad(row_scores, (0, b - 1), value=float("-inf"))
-            row_scores = padded.unfold(1, b, 1).amax(dim=-1)
-        if self.recenter:
-            win_sums = torch.nn.functional.pad(tok_scores, (0, b - 1)).unfold(1, b, 1).sum(dim=-1)
-            pos_rows = (layer.pos[:, 0] if self.head_reduction == "mean" else layer.pos.reshape(-1, n))
+            units = torch.nn.functional.pad(row_scores, (0, b - 1), value=float("-inf")).unfold(1, b, 1)
+            if self.recenter:  # per start: the window's score sum and its top token; shifts 0, -1, 1, -2, 2, ...
+                j = torch.arange(2 * b - 1, device=dev)
+                rc = {"pos": rows(layer.pos), "top": units.argmax(-1),
+                      "sums": torch.nn.functional.pad(row_scores, (0, b - 1)).unfold(1, b, 1).sum(-1),
+                      "shifts": (j + 1) // 2 * (1 - 2 * (j % 2))}
+            row_scores = units.amax(dim=-1)
 
         r0 = stride_start + new_sinks - pending  # first token not yet in a complete block
         n_blocks = (n - r0) // b
@@ -249,7 +249,7 @@ class Cascade(Policy):
                 pick = first.view(1, -1).expand(R, -1)
             winners = cand.gather(1, pick)
             if self.recenter:
-                winners = self._recenter(cand, cgid, pick, winners, tok_scores, win_sums, pos_rows)
+                winners = self._recenter(cand, cgid, pick, winners, rc)
             slots = torch.cat([existing[:, :-1] if merge else existing, winners], dim=1)
             create_times = times[creates]
             total = slots.shape[1]
