@@ -175,18 +175,34 @@ def _layer_windows(config) -> list[int | None]:
     return [None] * n
 
 
-def install(model) -> None:
-    """Register the ``kvcascade`` attention function and make ``model`` use it."""
+def install(model) -> str | None:
+    """Register the ``kvcascade`` attention function and make ``model`` use it; return the implementation it had."""
     from transformers import AttentionInterface
 
     if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTN_IMPLEMENTATION, kvcascade_attention)
-    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+    previous = model.config._attn_implementation
+    if previous != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return previous
+
+
+def restore(model, previous: str | None) -> None:
+    """Give ``model`` back the attention implementation :func:`install` found (if it still uses ours)."""
+    if previous and previous != ATTN_IMPLEMENTATION and model.config._attn_implementation == ATTN_IMPLEMENTATION:
+        model.set_attn_implementation(previous)
 
 
 class CompressedCache(Cache):
-    """A KV cache compressed by a :class:`~kvcascade.policies.Policy`; pass it as ``past_key_values``."""
+    """A KV cache compressed by a :class:`~kvcascade.policies.Policy`.
+
+    Creating one switches ``model`` to the ``kvcascade`` attention function (needed for the cache to see every
+    layer's attention); :meth:`release` (or leaving a ``with CompressedCache(...) as cache:`` block) gives the
+    model back the attention implementation it had. :func:`kvcascade.generate` and the eval harness do this for
+    you, so a model comes back from them as it went in. Feed the model with :meth:`forward`, which passes the
+    cache under the argument name the installed ``transformers`` takes (``cache`` or ``past_key_values``) and
+    the position ids the policy numbers tokens by.
+    """
 
     is_compileable = False
 
@@ -194,7 +210,9 @@ class CompressedCache(Cache):
         config = _text_config(model)
         check_architecture(config)
         super().__init__(layers=[])
-        install(model)
+        self.model_config = model.config
+        self._model = model
+        self._previous_attn = install(model)
         self.config = config
         self.policy = policy
         self.rotary = _Rotary(model)
@@ -220,13 +238,57 @@ class CompressedCache(Cache):
         un-rotated and rotate them at attention time."""
         return self.policy.position_mode == "original"
 
+    # -- use -----------------------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Give the model back the attention implementation it had before this cache switched it."""
+        if self._model is not None:
+            restore(self._model, self._previous_attn)
+            self._model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def forward(self, model, input_ids, **kwargs):
+        """Run ``model`` on ``input_ids`` (``[1, C]``) with this cache at the policy's next positions."""
+        from .compat import model_forward
+
+        if self._model is None:
+            install(model)  # released before: switch again for this call (release() restores once more)
+            self._model = model
+        ids = self.next_position_ids(input_ids.shape[1], input_ids.device)
+        out = model_forward(model, input_ids, self, ids, **kwargs)
+        self.check_handoff()
+        return out
+
+    def check_handoff(self) -> None:
+        """Raise if a chunk handed over by :meth:`update` never reached the attention function."""
+        item = getattr(_pending, "item", None)
+        if item is not None and item[0] is self:
+            _pending.item = None
+            raise KVCascadeError(
+                f"layer {item[1]} handed its keys to the kvcascade cache but its attention ran elsewhere (attention "
+                f"implementation '{self.model_config._attn_implementation}'); the cache would silently miss tokens. "
+                "Run the model through kvcascade.generate or CompressedCache.forward, and do not change the "
+                "attention implementation while a CompressedCache is in use")
+
     # -- transformers Cache API --------------------------------------------------------------------------
     @property
     def is_sliding(self) -> list[bool]:
         return [layer.is_sliding for layer in self.layers]
 
-    def update(self, key_states, value_states, layer_idx: int, cache_kwargs=None):
-        """Hand the chunk to the attention function (which stores it once it has attended)."""
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        """Hand the chunk to the attention function (which stores it once it has attended).
+
+        Extra arguments (``cache_kwargs`` up to transformers 5.23, ``kwargs=`` from 5.24) are not needed here."""
+        self.check_handoff()
+        if self.model_config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise KVCascadeError(
+                f"the model's attention implementation is '{self.model_config._attn_implementation}', not "
+                f"'{ATTN_IMPLEMENTATION}': a CompressedCache only works with kvcascade attention (it was switched "
+                "back, e.g. by CompressedCache.release() or model.set_attn_implementation)")
         _pending.item = (self, layer_idx, key_states, value_states)
         return key_states, value_states
 
@@ -338,7 +400,11 @@ def kvcascade_attention(module, query, key, value, attention_mask, scaling=None,
         scaling = query.shape[-1] ** -0.5
     item = getattr(_pending, "item", None)
     _pending.item = None
-    if item is not None and item[1] == module.layer_idx and item[2] is key:
+    if item is not None and not (item[1] == module.layer_idx and item[2] is key):
+        raise KVCascadeError(f"kvcascade attention of layer {module.layer_idx} got keys that are not the ones layer "
+                             f"{item[1]} handed to its CompressedCache: the model's attention does not follow the "
+                             "cache protocol kvcascade knows (unsupported model or transformers release)")
+    if item is not None:
         cache = item[0]
         out = cache.attend(module.layer_idx, query, key, value, scaling=scaling, softcap=softcap,
                            position_ids=kwargs.get("position_ids"))

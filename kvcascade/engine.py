@@ -8,8 +8,9 @@ knows which policy is active.
 
 from __future__ import annotations
 
-import sys
+import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -90,6 +91,44 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def chunk_bounds(n: int, chunk_size: int, last_min: int = 0) -> list[tuple[int, int]]:
+    """``(start, end)`` of each prefill chunk of an ``n``-token prompt.
+
+    Chunks hold ``chunk_size`` tokens, except that the last one holds at least ``min(last_min, n)`` (the chunk
+    before it is cut short instead): a policy that scores the prefix by the attention of the prompt's last
+    ``obs_window`` queries (SnapKV) needs all of them in the final chunk.
+    """
+    bounds = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    need = min(last_min, n)
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < need:
+        cut = n - need
+        bounds = [(s, min(e, cut)) for s, e in bounds if s < cut] + [(cut, n)]
+    return bounds
+
+
+def _warn_past_window(model, policy: Policy, tokens: int) -> None:
+    """Warn (once per policy and window in a process) when original positions run past the model's window."""
+    window = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "max_position_embeddings", None)
+    if policy.position_mode != "original" or not window or tokens <= window:
+        return
+    key = (policy.name, window)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(
+        f"policy '{policy.name}' gives tokens their original positions, and this prompt ({tokens:,} tokens) runs past "
+        f"the model's window ({window:,}): the model never saw such positions in training, so expect worse answers "
+        "(in-cache positions keep them inside the window: window, streaming, cascade, or positions=cache for h2o/tova)",
+        PastWindowWarning, stacklevel=3)
+
+
+class PastWindowWarning(UserWarning):
+    """A policy with original positions runs a prompt longer than the model's trained window."""
+
+
+_WARNED: set = set()
+
+
 @torch.inference_mode()
 def iter_prefill(model, cache: CompressedCache, ids: list[int], chunk_size: int, *, all_logits: bool = False,
                  progress: bool = False, desc: str = "prefill"):
@@ -101,16 +140,16 @@ def iter_prefill(model, cache: CompressedCache, ids: list[int], chunk_size: int,
     device = model.device
     bar = None
     if progress and len(ids) > chunk_size:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=len(ids), desc=desc, unit="tok", unit_scale=True, file=sys.stderr, leave=False)
+        bar = progress_bar(total=len(ids), desc=desc, unit="tok", unit_scale=True)
     cache.phase = "prefill"
     tokens = torch.tensor(ids, device=device)
-    for start in range(0, len(ids), chunk_size):
-        chunk = tokens[start:start + chunk_size].view(1, -1)
-        cache.final_chunk = start + chunk_size >= len(ids)
-        out = model(input_ids=chunk, past_key_values=cache, position_ids=cache.next_position_ids(chunk.shape[1], device),
-                    use_cache=True, logits_to_keep=0 if all_logits else 1)
+    _warn_past_window(model, cache.policy, len(ids))
+    for start, end in chunk_bounds(len(ids), chunk_size, cache.policy.obs_window):
+        chunk = tokens[start:end].view(1, -1)
+        cache.final_chunk = end >= len(ids)
+        out = cache.forward(model, chunk, logits_to_keep=0 if all_logits else 1)
         if bar is not None:
             bar.update(chunk.shape[1])
         yield start, out.logits[0]
@@ -127,10 +166,55 @@ def prefill(model, cache: CompressedCache, ids: list[int], chunk_size: int, prog
     return logits[-1]
 
 
+class StreamDecoder:
+    """Turns new token ids into text pieces as they become final, for ``on_token``.
+
+    Only a short window of recent ids is decoded per token (not the whole answer), and a character whose bytes
+    are split across tokens is held back until it is complete, so no piece ever carries a U+FFFD that the final
+    text does not have. The pieces joined equal the final text (:meth:`finish` flushes what is held back).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # ids before this one are final and only give context
+        self.read = 0  # ids before this one have been emitted
+        self.emitted: list[str] = []
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        before = self._decode(self.ids[self.prefix:self.read])
+        text = self._decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before):
+            return ""
+        piece = text[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.emitted.append(piece)
+        return piece
+
+    def finish(self) -> str:
+        """The rest of the text (held-back bytes that never completed a character, as the tokenizer decodes them)."""
+        text = self._decode(self.ids)
+        done = "".join(self.emitted)
+        rest = text[len(done):] if text.startswith(done) else ""
+        if rest:
+            self.emitted.append(rest)
+        return rest
+
+
 def _generate_one(model, tokenizer, prompt, policy: Policy, max_new_tokens: int, chunk_size: int,
                   temperature: float, top_p: float, seed: int | None, stop_on_eos: bool, on_token, progress: bool):
     ids = tokenize(tokenizer, prompt)
-    cache = CompressedCache(model, policy)
+    with CompressedCache(model, policy) as cache:  # the model gets its attention implementation back at the end
+        return _run(model, tokenizer, cache, ids, policy, max_new_tokens, chunk_size, temperature, top_p, seed,
+                    stop_on_eos, on_token, progress)
+
+
+def _run(model, tokenizer, cache, ids, policy, max_new_tokens, chunk_size, temperature, top_p, seed, stop_on_eos,
+         on_token, progress):
     device = model.device
     gen = None
     if temperature > 0:
@@ -145,7 +229,7 @@ def _generate_one(model, tokenizer, prompt, policy: Policy, max_new_tokens: int,
     t1 = time.perf_counter()
 
     new: list[int] = []
-    text_so_far = ""
+    stream = StreamDecoder(tokenizer) if on_token is not None else None
     cache.phase = "decode"
     cache.final_chunk = True
     with torch.inference_mode():
@@ -154,16 +238,15 @@ def _generate_one(model, tokenizer, prompt, policy: Policy, max_new_tokens: int,
             if tok in eos:
                 break
             new.append(tok)
-            if on_token is not None:
-                text = tokenizer.decode(new, skip_special_tokens=True)
-                on_token(text[len(text_so_far):])
-                text_so_far = text
+            if stream is not None and (piece := stream.push(tok)):
+                on_token(piece)
             if len(new) >= max_new_tokens:
                 break
             inp = torch.tensor([[tok]], device=device)
-            out = model(input_ids=inp, past_key_values=cache, position_ids=cache.next_position_ids(1, device),
-                        use_cache=True, logits_to_keep=1)
+            out = cache.forward(model, inp, logits_to_keep=1)
             logits = out.logits[0, -1]
+    if stream is not None and (piece := stream.finish()):
+        on_token(piece)
     _sync(device)
     t2 = time.perf_counter()
     return GenerationResult(
@@ -181,6 +264,19 @@ def _generate_one(model, tokenizer, prompt, policy: Policy, max_new_tokens: int,
     )
 
 
+def check_generation_args(max_new_tokens: int = 64, chunk_size: int = 512, temperature: float = 0.0,
+                          top_p: float = 1.0) -> None:
+    """Raise :class:`KVCascadeError` for generation settings that cannot work (before any model is loaded)."""
+    if chunk_size is None or int(chunk_size) <= 0:
+        raise KVCascadeError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
+    if max_new_tokens < 0:
+        raise KVCascadeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:  # also refuses NaN
+        raise KVCascadeError(f"top_p must be in (0, 1], got {top_p}")
+    if not (temperature >= 0.0 and math.isfinite(temperature)):  # refuses NaN, inf and negatives
+        raise KVCascadeError(f"temperature must be a finite number >= 0, got {temperature}")
+
+
 def generate(model, tokenizer, prompt, policy: str | Policy = "streaming", budget: int | None = None,
              policy_args: dict | None = None, max_new_tokens: int = 64, chunk_size: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_on_eos: bool = True,
@@ -195,12 +291,7 @@ def generate(model, tokenizer, prompt, policy: str | Policy = "streaming", budge
 
     A batch is run one prompt after another, each with its own cache (same answers as one at a time).
     """
-    if chunk_size is None or int(chunk_size) <= 0:
-        raise KVCascadeError(f"chunk_size must be a positive number of tokens, got {chunk_size!r}")
-    if max_new_tokens < 0:
-        raise KVCascadeError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not 0.0 < top_p <= 1.0:
-        raise KVCascadeError(f"top_p must be in (0, 1], got {top_p}")
+    check_generation_args(max_new_tokens, chunk_size, temperature, top_p)
     pol = make_policy(policy, budget, **(policy_args or {}))
     batch = isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str)
     prompts = list(prompt) if batch else [prompt]

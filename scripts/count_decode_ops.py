@@ -47,8 +47,7 @@ def main() -> None:
         with torch.inference_mode():
             def step():
                 inp = torch.tensor([[tok]], device=model.device)
-                return model(input_ids=inp, past_key_values=cache, position_ids=cache.next_position_ids(1, model.device),
-                             use_cache=True, logits_to_keep=1)
+                return cache.forward(model, inp, logits_to_keep=1)
 
             counter = Count()
             with counter:

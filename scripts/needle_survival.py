@@ -75,9 +75,8 @@ def main():
             cache.phase, cache.final_chunk = "decode", True
             out_ids = [int(logits.argmax())]
             for _ in range(7):  # greedy, a few tokens: the key is 5 digits
-                out_ids.append(int(model(input_ids=torch.tensor([[out_ids[-1]]], device=model.device),
-                                         past_key_values=cache, position_ids=cache.next_position_ids(1, model.device),
-                                         use_cache=True, logits_to_keep=1).logits[0, -1].argmax()))
+                out_ids.append(int(cache.forward(model, torch.tensor([[out_ids[-1]]], device=model.device),
+                                                 logits_to_keep=1).logits[0, -1].argmax()))
             answer = tok.decode(out_ids)
             row = {"policy": spec, "budget": a.budget, "length": len(ids), "depth": depth, "sample": i, "key": key,
                    "answer": answer, "score": score_first_number(answer, [key]),

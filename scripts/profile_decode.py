@@ -20,8 +20,7 @@ for pol in ["full", "streaming", "cascade"]:
     inp = torch.tensor([[5]], device="cuda")
 
     def step():
-        return model(input_ids=inp, past_key_values=cache, position_ids=cache.next_position_ids(1, "cuda"),
-                     use_cache=True, logits_to_keep=1)
+        return cache.forward(model, inp, logits_to_keep=1)
 
     for _ in range(3):
         step()

@@ -30,12 +30,11 @@ for name in ["full", "window", "streaming", "h2o", "tova", "snapkv", "pyramidkv"
             cache.final_chunk = n == 1
             if n == 1:
                 cache.phase = "decode"
-            pos = cache.next_position_ids(n, "cuda")
             torch.cuda.synchronize()
             with warnings.catch_warnings(record=True) as w:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
-                model(input_ids=ids, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1)
+                cache.forward(model, ids, logits_to_keep=1)
                 torch.cuda.set_sync_debug_mode("default")
             syncs = [x for x in w if "synchroniz" in str(x.message).lower()]
             if step >= 3:

@@ -57,8 +57,7 @@ def run_chunks(model, cache, ids, chunk):
     for s in range(0, n, chunk):
         part = ids[:, s:s + chunk]
         cache.final_chunk = s + chunk >= n
-        out = model(input_ids=part, past_key_values=cache, position_ids=cache.next_position_ids(part.shape[1]),
-                    use_cache=True)
+        out = cache.forward(model, part)
         outs.append(out.logits)
     return torch.cat(outs, dim=1)
 

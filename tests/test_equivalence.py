@@ -38,8 +38,7 @@ def test_decode_matches_full_model(arch, policy):
     cache.phase = "decode"
     with torch.no_grad():
         for t in range(SEQ, SEQ + NEW):
-            out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, position_ids=cache.next_position_ids(1),
-                        use_cache=True)
+            out = cache.forward(model, ids[:, t:t + 1])
             got.append(out.logits)
     torch.testing.assert_close(torch.cat(got, dim=1), ref, rtol=1e-4, atol=1e-4)
 

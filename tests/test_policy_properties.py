@@ -38,12 +38,12 @@ def feed(model, cache, ids, chunks, decode):
             pos += part.shape[1]
             cache.phase = "prefill"
             cache.final_chunk = pos >= n
-            model(input_ids=part, past_key_values=cache, position_ids=cache.next_position_ids(part.shape[1]))
+            cache.forward(model, part)
             yield "prefill", cache.final_chunk
         cache.phase = "decode"
         for t in range(decode):
             part = torch.tensor([[ids[t % n]]])
-            model(input_ids=part, past_key_values=cache, position_ids=cache.next_position_ids(1))
+            cache.forward(model, part)
             yield "decode", True
 
 
@@ -59,7 +59,8 @@ def check_invariants(cache, policy, phase, final):
         if layer.is_sliding:
             assert n <= layer.window - 1
             continue
-        budget = policy.layer_budget(layer.idx, cache.num_layers)
+        budget = policy.layer_cap(cache, layer)
+        assert budget <= policy.layer_budget(layer.idx, cache.num_layers)
         grows_in_prefill = policy.name in ("snapkv", "pyramidkv") and not policy.chunked
         if not (grows_in_prefill and phase == "prefill" and not final):
             assert n <= budget, (policy, n, budget)
@@ -111,9 +112,8 @@ def test_in_cache_positions_stay_inside_budget():
     with torch.no_grad():
         for s in range(0, 90, 8):
             part = torch.tensor([ids[s:s + 8]]) % 96
-            p = cache.next_position_ids(part.shape[1])
-            seen_positions.append(int(p.max()))
-            MODEL(input_ids=part, past_key_values=cache, position_ids=p)
+            seen_positions.append(int(cache.next_position_ids(part.shape[1]).max()))
+            cache.forward(MODEL, part)
     assert max(seen_positions) < 16 + 8
     assert cache.layers[0].seen == 90
     assert cache.layers[0].pos[0, 0].tolist() == [0, 1, 2, 3] + list(range(78, 90))
@@ -141,3 +141,18 @@ def test_pyramid_budgets_shrink_and_average_to_budget():
     assert budgets == sorted(budgets, reverse=True) and budgets[0] > budgets[-1]
     assert abs(sum(budgets) / 24 - 512) < 512 * 0.05
     assert all(p.layer_budget(i, 24) >= b + 32 for i, b in enumerate(budgets))
+
+
+def test_pyramid_layers_keep_their_share_while_decoding():
+    """After a long prompt each layer keeps its pyramid share + window while decoding; upper layers never grow
+    back to the average budget (which would put the total about a quarter over the pyramid's)."""
+    model = tiny_model("llama", layers=6)
+    policy = make_policy("pyramidkv", budget=12, window=4, kernel=3)
+    cache = CompressedCache(model, policy)
+    ids = torch.randint(0, 96, (60,), generator=torch.Generator().manual_seed(0)).tolist()
+    shares = [policy.prefix_budget(i, 6, 60) + 4 for i in range(6)]
+    assert shares == sorted(shares, reverse=True) and shares[-1] < 12
+    for phase, final in feed(model, cache, ids, [20, 20, 20], decode=30):
+        if phase == "decode":
+            assert [len(layer) for layer in cache.layers] == shares
+    assert sum(len(layer) for layer in cache.layers) <= 6 * 12 * 1.05
