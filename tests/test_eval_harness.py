@@ -197,12 +197,169 @@ def test_eval_cli_errors(argv, msg, capsys):
     assert len(err) == 1 and err[0].startswith("kvcascade: error:") and msg in err[0], err
 
 
-def test_prose_haystack_without_a_text_says_how_to_get_one(tok, monkeypatch):
+def test_shipped_kjv_text_needs_no_system_package(tok, monkeypatch):
+    """The default perplexity text and prose haystack come from the package itself (checksum-checked)."""
+    import shutil
+
     import kvcascade.eval.ppl as ppl
 
-    def missing():
-        raise KVCascadeError("no bible")
+    monkeypatch.setattr(shutil, "which", lambda *a, **k: None)  # no `bible` command anywhere
+    ppl.kjv_text.cache_clear()
+    text = ppl.kjv_text()
+    assert len(text) == 4_298_239 and text.lstrip().startswith("Genesis 1") and "Lord Jesus Christ" in text[-200:]
+    s = make_sample("niah_multikey", tok, 1024, 0.5)
+    assert "special magic numbers" in s.prompt
 
-    monkeypatch.setattr(ppl, "kjv_text", missing)
-    with pytest.raises(KVCascadeError, match="--haystack-file"):
-        make_sample("niah_multikey", tok, 1024, 0.5)
+
+def test_corrupt_kjv_text_is_a_clear_error(tmp_path, monkeypatch):
+    import lzma
+
+    import kvcascade.eval.ppl as ppl
+
+    bad = tmp_path / "kjv.txt.xz"
+    bad.write_bytes(lzma.compress(b"In the beginning"))
+    monkeypatch.setattr(ppl, "KJV_FILE", bad)
+    ppl.kjv_text.cache_clear()
+    try:
+        with pytest.raises(KVCascadeError, match="corrupt"):
+            ppl.kjv_text()
+        bad.write_bytes(b"not xz")
+        with pytest.raises(KVCascadeError, match="cannot read the shipped"):
+            ppl.kjv_text()
+    finally:
+        ppl.kjv_text.cache_clear()
+
+
+SMALL = dict(tasks=["passkey"], policies=["streaming"], budgets=[40], lengths=[96], samples=2, chunk_size=32)
+
+
+def test_rerun_with_other_settings_is_refused(tiny_model_dir, tmp_path):
+    """Rows of another model, seed, chunk size or text are never mixed into a folder (nor taken as done)."""
+    model, tok = _tiny(tiny_model_dir)
+    out = tmp_path / "ev"
+    run_grid(model, tok, Grid(**SMALL), out, model_name="tiny", progress=False, report=False)
+    for change, msg in [({}, "model"), ({"seed": 1}, "seed"), ({"chunk_size": 16}, "chunk_size")]:
+        name = "other" if not change else "tiny"
+        with pytest.raises(KVCascadeError, match=f"other settings .*{msg}"):
+            run_grid(model, tok, Grid(**{**SMALL, **change}), out, model_name=name, progress=False)
+    with pytest.raises(KVCascadeError, match="haystack_sha256"):
+        run_grid(model, tok, Grid(**SMALL), out, model_name="tiny", prose=PROSE, progress=False)
+    # a folder written before grid.json existed: its rows' model decides
+    (out / "grid.json").unlink()
+    with pytest.raises(KVCascadeError, match="model 'tiny' there, 'other' now"):
+        run_grid(model, tok, Grid(**SMALL), out, model_name="other", progress=False)
+    assert len(read_rows(out)) == 2
+
+
+def test_torn_last_line_is_repaired_and_rerun(tiny_model_dir, tmp_path):
+    model, tok = _tiny(tiny_model_dir)
+    out = tmp_path / "ev"
+    rows = run_grid(model, tok, Grid(**SMALL), out, model_name="tiny", progress=False, report=False)
+    text = (out / "results.jsonl").read_text()
+    torn = text[: len(text) - 40]  # the last row cut mid-way, as a killed write leaves it
+    (out / "results.jsonl").write_text(torn)
+    again = run_grid(model, tok, Grid(**SMALL), out, model_name="tiny", progress=False, report=False)
+    assert len(again) == len(rows) == 2
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line) for line in lines)  # every line whole again
+    assert (out / "results.jsonl.torn").read_text().strip() == torn.splitlines()[-1]  # nothing thrown away
+    # a last row that only lost its newline is kept as it is
+    (out / "results.jsonl").write_text("\n".join(lines))
+    assert len(run_grid(model, tok, Grid(**SMALL), out, model_name="tiny", progress=False, report=False)) == 2
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_folder_in_use_is_refused_and_duplicates_are_counted_once(tiny_model_dir, tmp_path):
+    from kvcascade.eval.report import write_report
+    from kvcascade.eval.runner import folder_lock
+
+    model, tok = _tiny(tiny_model_dir)
+    out = tmp_path / "ev"
+    out.mkdir()
+    with folder_lock(out):
+        with pytest.raises(KVCascadeError, match="in use by another kvcascade eval"):
+            run_grid(model, tok, Grid(**SMALL), out, model_name="tiny", progress=False)
+    run_grid(model, tok, Grid(**SMALL), out, model_name="tiny", progress=False)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    (out / "results.jsonl").write_text("\n".join(lines + lines) + "\n")  # e.g. two old runs wrote the same rows
+    write_report(out)
+    assert "- rows: 2" in (out / "summary.md").read_text()
+    assert len(read_rows(out, unique=True)) == 2
+
+
+def test_a_failing_row_is_recorded_and_the_grid_goes_on(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import kvcascade.eval.runner as runner
+    from kvcascade.eval.runner import missing_rows
+
+    model, tok = _tiny(tiny_model_dir)
+    out = tmp_path / "ev"
+    real = runner.run_one
+
+    def flaky(model, tok, task, pol, budget, length, depth, index, *a, **k):
+        if index == 0:
+            raise RuntimeError("boom")
+        return real(model, tok, task, pol, budget, length, depth, index, *a, **k)
+
+    monkeypatch.setattr(runner, "run_one", flaky)
+    grid = Grid(**SMALL)
+    rows = run_grid(model, tok, grid, out, model_name="tiny", progress=False)
+    assert len(rows) == 2 and sum(1 for r in rows if r.get("error")) == 1
+    missing, failed = missing_rows(grid, rows)
+    assert len(missing) == 1 and "boom" in failed[0]["error"]
+    summary = (out / "summary.md").read_text()
+    assert "## Failed rows (1" in summary and "RuntimeError: boom" in summary and "(1) |" in summary
+    monkeypatch.setattr(runner, "run_one", real)  # fixed: the rerun tries only the failed row again
+    rows = run_grid(model, tok, grid, out, model_name="tiny", progress=False)
+    assert len(rows) == 2 and not any(r.get("error") for r in rows)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3
+    assert "Failed rows" not in (out / "summary.md").read_text()
+
+
+def test_eval_cli_exits_nonzero_when_rows_fail(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import kvcascade.eval.runner as runner
+
+    def broken(*a, **k):
+        return {"score": float("nan")}
+
+    monkeypatch.setattr(runner, "run_one", broken)
+    rc = cli_main(["eval", "passkey", "--model", str(tiny_model_dir), "--policies", "window", "--budgets", "40",
+                   "--lengths", "96", "--samples", "2", "--quiet", "--out", str(tmp_path / "e")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "2 of 2 grid rows did not finish" in err and "not a finite number" in err
+
+
+def test_report_on_foreign_rows_is_one_clear_line(tmp_path, capsys):
+    d = tmp_path / "r"
+    d.mkdir()
+    (d / "results.jsonl").write_text('{"task": "passkey", "score": 1}\n')
+    assert cli_main(["report", str(d)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvcascade: error:") and "not a kvcascade eval" in err[0]
+    (d / "results.jsonl").write_text('[1, 2]\n"x"\n')
+    assert cli_main(["report", str(d)]) == 2
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["eval", "ppl", "--policies", "full", "--chunk-size", "-1"], "chunk size must be a positive"),
+    (["eval", "ppl", "--policies", "full", "--chunk-size", "0"], "chunk size must be a positive"),
+    (["eval", "ppl", "--policies", "full", "--bucket", "0"], "ppl bucket must be a positive"),
+    (["eval", "vt:chains=0"], "chains must be a whole number >= 1"),
+    (["eval", "cwe:common=0"], "common must be a whole number >= 1"),
+    (["eval", "fwe:vocab=0"], "vocab must be a whole number >= 4"),
+    (["eval", "fwe:alpha=nan"], "alpha must be a number"),
+    (["eval", "passkey", "--policies", "streaming:budget=50", "--budgets", "64"], "budget is given twice"),
+])
+def test_eval_bad_settings_are_one_line_before_any_work(argv, msg, capsys):
+    assert cli_main(argv + ["--model", "/nonexistent-model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvcascade: error:") and msg in err[0], err
+
+
+def test_perplexity_refuses_a_bad_chunk_size(tiny_model_dir):
+    from kvcascade.eval.ppl import streaming_perplexity
+
+    model, tok = _tiny(tiny_model_dir)
+    for kw in ({"chunk_size": -1}, {"chunk_size": 0}, {"bucket": 0}):
+        with pytest.raises(KVCascadeError, match="must be a positive"):
+            streaming_perplexity(model, tok, "w1 w2 w3 w4", policy="full", **kw)

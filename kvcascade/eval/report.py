@@ -51,7 +51,47 @@ def _cells(rows, task, budget):
     return out
 
 
+REQUIRED = {"task": str, "policy": str, "length": int}
+
+
+def check_rows(rows: list[dict], where) -> None:
+    """Refuse rows that are not kvcascade eval rows, naming the first bad one."""
+    for n, r in enumerate(rows, 1):
+        for key, kind in REQUIRED.items():
+            if not isinstance(r.get(key), kind):
+                raise KVCascadeError(f"{where}: row {n} has no valid '{key}' field; not a kvcascade eval row")
+        for key in ("budget", "depth", "sample"):
+            if key not in r:
+                raise KVCascadeError(f"{where}: row {n} has no '{key}' field; not a kvcascade eval row")
+        if not r.get("error"):
+            if not isinstance(r.get("score"), (int, float)):
+                raise KVCascadeError(f"{where}: row {n} has no numeric score; not a kvcascade eval row")
+            if r["task"].split(":")[0] == "ppl":
+                need = ("ppl", "ppl_per_bucket", "bucket", "kv_bytes_peak", "seconds")
+            else:
+                need = ("prefill_s", "kv_bytes_peak")
+            missing = [k for k in need if k not in r]
+            if missing:
+                raise KVCascadeError(f"{where}: row {n} ({r['task']}) lacks {', '.join(missing)}; not a kvcascade "
+                                     "eval row")
+
+
+def _failures(rows: list[dict]) -> list[str]:
+    bad = [r for r in rows if r.get("error")]
+    if not bad:
+        return []
+    lines = [f"## Failed rows ({len(bad)}; rerun the same command to try them again)", "",
+             "| task | policy | budget | length | depth | sample | error |", "|---|---|---|---|---|---|---|"]
+    for r in bad:
+        err = str(r["error"]).replace("|", "/").replace("\n", " ")[:200]
+        lines.append(f"| {r['task']} | {r['policy']} | {r['budget']} | {_fmt_len(r['length'])} | {r['depth']} | "
+                     f"{r['sample']} | {err} |")
+    return lines + [""]
+
+
 def summary_markdown(rows: list[dict]) -> str:
+    failures = _failures(rows)
+    rows = [r for r in rows if not r.get("error")]
     lines = ["# kvcascade eval summary", ""]
     models = sorted({r.get("model", "") for r in rows})
     machines = sorted({r.get("machine", "") for r in rows})
@@ -109,7 +149,7 @@ def summary_markdown(rows: list[dict]) -> str:
                                if rs else "-")
                 lines.append(f"| {pol} | {b if b is not None else '-'} | " + " | ".join(row) + " |")
         lines.append("")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + failures) + "\n"
 
 
 def _plots(out: Path, rows: list[dict]) -> list[str]:
@@ -202,8 +242,12 @@ def write_report(out_dir, rows: list[dict] | None = None) -> list[str]:
     if rows is None:
         if not out.is_dir():
             raise KVCascadeError(f"'{out}' is not a folder")
-        rows = read_rows(out)
+        rows = read_rows(out, unique=True)
+    else:  # one row per grid key, as read_rows(unique=True) gives
+        rows = list({(r.get("task"), r.get("policy"), r.get("budget"), r.get("length"), r.get("depth"),
+                      r.get("sample")): r for r in sorted(rows, key=lambda r: not r.get("error"))}.values())
     if not rows:
         raise KVCascadeError(f"no results in '{out}' (expected {out}/results.jsonl from kvcascade eval)")
+    check_rows(rows, out / "results.jsonl")
     (out / "summary.md").write_text(summary_markdown(rows))
-    return ["summary.md", *_plots(out, rows)]
+    return ["summary.md", *_plots(out, [r for r in rows if not r.get("error")])]

@@ -4,13 +4,29 @@ Rows go to ``DIR/results.jsonl`` as soon as each finishes; a rerun skips rows al
 policy, budget, length, depth and sample index), so an interrupted grid resumes where it stopped. The run
 ends by writing ``DIR/summary.md`` and the plots (:mod:`kvcascade.eval.report`).
 
+What keeps a folder honest:
+
+* ``DIR/grid.json`` records the settings that make rows comparable (model, dtype, seed, chunk size, ppl
+  bucket, and a checksum of any ``--text`` / ``--haystack-file``); a run with other settings is refused
+  rather than mixed in.
+* ``DIR/.lock``: one run per folder at a time (a second gets a clear "in use" error; ``--workers`` children
+  run under their parent's lock).
+* A last line torn by an interrupted write is moved to ``DIR/results.jsonl.torn`` and the file repaired
+  before anything is appended.
+* A row that fails (an exception, a non-finite score) is recorded with its ``error`` and the grid goes on;
+  a rerun tries it again. The run ends by checking that every row of the grid is there.
+
 Prompts depend on (seed, task, length, depth, sample) only, never on the policy: every policy answers the
 same prompts. ``full`` runs without a budget and only up to ``full_max`` tokens (default: the model's window).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
+import os
 import platform
 import random
 import resource
@@ -26,6 +42,8 @@ from ..policies import make_policy, parse_policy_spec
 from .tasks import DEPTH_TASKS, RULER, make_sample, parse_task_spec, score
 
 RESULTS = "results.jsonl"
+SETTINGS = "grid.json"
+LOCK = ".lock"
 SHARD_TODO = ".shard-{k}-of-{n}.todo"  # a worker's count of rows to run (read by kvcascade.eval.workers)
 
 
@@ -88,6 +106,10 @@ class Grid:
             raise KVCascadeError("--budgets is needed for policies other than full")
         if self.samples < 1:
             raise KVCascadeError(f"samples must be >= 1, got {self.samples}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise KVCascadeError(f"chunk size must be a positive number of tokens, got {self.chunk_size}")
+        if not isinstance(self.ppl_bucket, int) or self.ppl_bucket < 1:
+            raise KVCascadeError(f"ppl bucket must be a positive number of tokens, got {self.ppl_bucket}")
         if 0 in self.lengths and any(parse_task_spec(t)[0] != "ppl" for t in self.tasks):
             raise KVCascadeError("length 'all' is for the ppl task only")
         if not self.lengths:
@@ -123,7 +145,14 @@ def row_key(r: dict) -> tuple:
     return (r["task"], r["policy"], r["budget"], r["length"], r["depth"], r["sample"])
 
 
-def read_rows(out_dir) -> list[dict]:
+def is_ok(r: dict) -> bool:
+    """A finished row (not a recorded failure)."""
+    return not r.get("error")
+
+
+def read_rows(out_dir, unique: bool = False) -> list[dict]:
+    """Rows of ``out_dir/results.jsonl`` in file order; ``unique``: one per grid key (the last finished one, else
+    the last failure), as the report counts them."""
     path = Path(out_dir) / RESULTS
     if not path.exists():
         return []
@@ -132,10 +161,128 @@ def read_rows(out_dir) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             print(f"kvcascade: warning: {path}:{n} is not JSON (an interrupted write?); ignored", file=sys.stderr)
-    return rows
+            continue
+        if not isinstance(row, dict):
+            print(f"kvcascade: warning: {path}:{n} is not a row object; ignored", file=sys.stderr)
+            continue
+        rows.append(row)
+    if not unique:
+        return rows
+    best: dict = {}
+    for r in rows:
+        try:
+            k = row_key(r)
+        except KeyError as e:
+            raise KVCascadeError(f"{path}: a row lacks the field {e}; not a kvcascade eval folder") from None
+        if k not in best or is_ok(r) or not is_ok(best[k]):
+            best[k] = r
+    return list(best.values())
+
+
+def repair_tail(out_dir) -> None:
+    """Make ``results.jsonl`` end with a complete line: a torn last line (an interrupted write) is moved to
+    ``results.jsonl.torn`` (nothing is thrown away) and cut from the file; a complete last row that only lacks
+    its newline gets one."""
+    path = Path(out_dir) / RESULTS
+    if not path.exists():
+        return
+    with path.open("rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        cut = data.rfind(b"\n") + 1
+        tail = data[cut:]
+        try:
+            json.loads(tail)
+            f.seek(size)
+            f.write(b"\n")
+            return
+        except ValueError:
+            pass
+        with (path.parent / (RESULTS + ".torn")).open("ab") as t:
+            t.write(tail + b"\n")
+        f.truncate(cut)
+    print(f"kvcascade: warning: the last line of {path} was torn (an interrupted write); moved to "
+          f"{RESULTS}.torn, its row will run again", file=sys.stderr)
+
+
+def _digest(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def grid_settings(grid: "Grid", model_name: str, dtype: str, prose: str | None = None,
+                  ppl_text: str | None = None) -> dict:
+    """What rows of one folder must share to be compared (recorded in ``grid.json``)."""
+    return {"model": model_name, "dtype": str(dtype).replace("torch.", ""), "seed": grid.seed,
+            "chunk_size": grid.chunk_size, "ppl_bucket": grid.ppl_bucket,
+            "haystack_sha256": _digest(prose), "text_sha256": _digest(ppl_text)}
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Record ``settings`` in ``out/grid.json``, or refuse if the folder holds rows made with other ones."""
+    path = out / SETTINGS
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise KVCascadeError(f"'{path}' is unreadable; it records the settings of the rows in '{out}'") from None
+    else:  # a folder from before grid.json: what its rows say
+        rows = read_rows(out)
+        old = {}
+        for key in ("model", "seed", "chunk_size"):
+            vals = {r.get(key) for r in rows if key in r}
+            if len(vals) == 1:
+                old[key] = vals.pop()
+    diff = [f"{k} {old[k]!r} there, {settings[k]!r} now" for k in settings if k in old and old[k] != settings[k]]
+    if diff:
+        raise KVCascadeError(f"'{out}' holds rows made with other settings ({'; '.join(diff)}); use another --out "
+                             "(rows of different settings would be mixed)")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**old, **settings}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def folder_lock(out: Path):
+    """Hold ``out/.lock`` for one run; a second run on the same folder gets a clear error."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    f = (out / LOCK).open("a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            who = f.read().strip() or "another process"
+            raise KVCascadeError(f"'{out}' is in use by another kvcascade eval ({who}); wait for it to finish or "
+                                 "use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        yield
+    finally:
+        f.close()
+
+
+def missing_rows(grid: "Grid", rows: list[dict]) -> tuple[list[tuple], list[dict]]:
+    """Grid keys with no finished row, and the failure rows among them (latest per key)."""
+    ok = {row_key(r) for r in rows if is_ok(r)}
+    failed = {row_key(r): r for r in rows if not is_ok(r)}
+    missing = [k for k in grid.runs() if k not in ok]
+    return missing, [failed[k] for k in missing if k in failed]
 
 
 def make_out_dir(out_dir) -> Path:
@@ -210,20 +357,54 @@ def _append_row(f, row: dict) -> None:
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def run_safely(model, tokenizer, key, grid: Grid, model_name: str, machine: str, prose=None, ppl_text=None) -> dict:
+    """:func:`run_one`, with a failure turned into a row that says what went wrong (the grid goes on)."""
+    task, pol, budget, length, depth, index = key
+    try:
+        row = run_one(model, tokenizer, task, pol, budget, length, depth, index, grid, model_name, machine,
+                      prose=prose, ppl_text=ppl_text)
+        if not (isinstance(row.get("score"), (int, float)) and math.isfinite(row["score"])):
+            raise KVCascadeError(f"the score is not a finite number ({row.get('score')!r})")
+        return row
+    except Exception as e:  # noqa: BLE001 - recorded in the row, reported at the end; Ctrl-C still stops
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"task": task, "model": model_name, "policy": pol, "budget": budget, "length": length, "depth": depth,
+                "sample": index, "seed": grid.seed, "chunk_size": grid.chunk_size, "machine": machine, "score": None,
+                "error": f"{type(e).__name__}: {e}"}
+
+
 def run_grid(model, tokenizer, grid: Grid, out_dir, model_name: str = "", prose: str | None = None,
              ppl_text: str | None = None, progress: bool = True, report: bool = True,
              shard: tuple[int, int] | None = None) -> list[dict]:
     """Run every missing row of ``grid`` into ``out_dir/results.jsonl``; then write the summary and plots.
 
-    ``shard=(k, n)``: run only the rows whose index in run order is ``k mod n`` (one of ``n`` workers; see
-    :mod:`kvcascade.eval.workers`), and write how many are to run to ``out_dir/.shard-k-of-n.todo``.
+    Returns the folder's rows, one per grid key (:func:`read_rows` with ``unique``); rows that failed carry an
+    ``error`` (see :func:`missing_rows`). ``shard=(k, n)``: run only the rows whose index in run order is
+    ``k mod n`` (one of ``n`` workers, under the parent's lock; see :mod:`kvcascade.eval.workers`), and write
+    how many are to run to ``out_dir/.shard-k-of-n.todo``.
     """
     grid.validate()
     if grid.full_max is None:
         grid.full_max = getattr(getattr(model.config, "get_text_config", lambda: model.config)(),
                                 "max_position_embeddings", None)
     out = make_out_dir(out_dir)
-    done = {row_key(r) for r in read_rows(out)}
+    settings = grid_settings(grid, model_name, model.dtype, prose, ppl_text)
+    lock = folder_lock(out) if shard is None else contextlib.nullcontext()
+    with lock:
+        if shard is None:
+            repair_tail(out)
+        check_settings(out, settings)
+        rows = _run_todo(model, tokenizer, grid, out, model_name, prose, ppl_text, progress, shard)
+        if report:
+            from .report import write_report
+
+            write_report(out, rows)
+    return rows
+
+
+def _run_todo(model, tokenizer, grid, out, model_name, prose, ppl_text, progress, shard) -> list[dict]:
+    done = {row_key(r) for r in read_rows(out) if is_ok(r)}
     todo = [r for i, r in enumerate(grid.runs()) if r not in done and (shard is None or i % shard[1] == shard[0])]
     if shard is not None:
         (out / SHARD_TODO.format(k=shard[0], n=shard[1])).write_text(str(len(todo)))
@@ -232,27 +413,22 @@ def run_grid(model, tokenizer, grid: Grid, out_dir, model_name: str = "", prose:
 
         ppl_text = kjv_text()
     machine = machine_name(model)
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc="eval", unit="run", file=sys.stderr)
+    bar = progress_bar(total=len(todo), desc="eval", unit="run", enabled=progress and bool(todo))
     if len(done):
         print(f"kvcascade eval: {len(done)} rows already in {out / RESULTS}; {len(todo)} to run", file=sys.stderr)
+    failed = 0
     with (out / RESULTS).open("a") as f:
-        for task, pol, budget, length, depth, index in todo:
-            if bar is not None:
-                bar.set_postfix_str(f"{task} {pol} b={budget} L={length} d={depth}")
-            row = run_one(model, tokenizer, task, pol, budget, length, depth, index, grid, model_name, machine,
-                          prose=prose, ppl_text=ppl_text)
+        for key in todo:
+            task, pol, budget, length, depth, index = key
+            bar.set_postfix_str(f"{task} {pol} b={budget} L={length} d={depth}", refresh=False)
+            row = run_safely(model, tokenizer, key, grid, model_name, machine, prose=prose, ppl_text=ppl_text)
+            if not is_ok(row):
+                failed += 1
+                print(f"kvcascade: warning: row {task} {pol} budget={budget} length={length} depth={depth} "
+                      f"sample={index} failed: {row['error']}", file=sys.stderr)
             _append_row(f, row)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    rows = read_rows(out)
-    if report:
-        from .report import write_report
-
-        write_report(out, rows)
-    return rows
+            bar.update(1)
+    bar.close()
+    return read_rows(out, unique=True)

@@ -20,7 +20,7 @@ Task specs take options like policy specs: ``niah_single:haystack=prose:value=uu
 | ``fwe`` | the 3 most frequent coded words (Zipf, alpha 2) | fwe (alpha 2) | alpha |
 
 Haystacks: ``noise`` repeats "The grass is green. The sky is blue. ..."; ``prose`` is real text (the King
-James Bible from Debian's ``bible-kjv`` by default; any text via ``prose=``). Depth is where the (first asked)
+James Bible shipped with the package by default; any text via ``prose=``). Depth is where the (first asked)
 needle sits in the haystack; the other needles sit at seeded random depths. Deviation from RULER: ``cwe``
 draws its words from pronounceable pseudo-words (so a 1M-token list never runs out of distinct words) and
 RULER's few-shot example is left out of every prompt.
@@ -128,11 +128,7 @@ def _haystack(kind: str, prose: str | None):
         if prose is None:
             from .ppl import kjv_text
 
-            try:
-                prose = kjv_text()
-            except KVCascadeError:
-                raise KVCascadeError("the prose haystack defaults to the King James Bible from Debian's bible-kjv "
-                                     "package; install it, pass --haystack-file FILE, or use haystack=noise") from None
+            prose = kjv_text()
         return prose_units(prose)
     raise KVCascadeError(f"haystack must be noise or prose, got '{kind}'")
 
@@ -326,6 +322,27 @@ RULER = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "
 DEPTH_TASKS = {"passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"}
 
 
+# numeric task options: (type, smallest allowed value)
+_NUMERIC_OPTIONS = {"keys": (int, 1), "values": (int, 1), "queries": (int, 1), "hops": (int, 1), "chains": (int, 1),
+                    "common": (int, 1), "freq_common": (int, 2), "freq_rare": (int, 1), "vocab": (int, 4),
+                    "alpha": (float, 1e-6)}
+_CHOICE_OPTIONS = {"haystack": ("noise", "prose"), "value": ("number", "uuid")}
+
+
+def _check_option(task: str, key: str, value) -> None:
+    if key in _NUMERIC_OPTIONS:
+        kind, low = _NUMERIC_OPTIONS[key]
+        try:
+            v = kind(value)
+        except (TypeError, ValueError):
+            v = None
+        if v is None or v != v or v < low:  # v != v: NaN
+            what = "a whole number" if kind is int else "a number"
+            raise KVCascadeError(f"task {task}: option {key} must be {what} >= {low:g}, got '{value}'")
+    if key in _CHOICE_OPTIONS and value not in _CHOICE_OPTIONS[key]:
+        raise KVCascadeError(f"task {task}: option {key} must be one of {', '.join(_CHOICE_OPTIONS[key])}, got '{value}'")
+
+
 def parse_task_spec(spec: str) -> tuple[str, dict]:
     from ..policies import parse_policy_spec
 
@@ -339,6 +356,10 @@ def parse_task_spec(spec: str) -> tuple[str, dict]:
         bad = [k for k in args if k not in known]
         if bad:
             raise KVCascadeError(f"bad option '{bad[0]}' for task {name}; it takes: {', '.join(known) or 'none'}")
+        for k, v in args.items():
+            _check_option(name, k, v)
+        if name == "cwe" and int(args.get("freq_common", 30)) <= int(args.get("freq_rare", 3)):
+            raise KVCascadeError("task cwe: freq_common must be larger than freq_rare")
     return name, args
 
 

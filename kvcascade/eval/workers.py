@@ -94,9 +94,9 @@ def run_workers(n: int, child_args: list[str], out_dir, device: str = "cpu", pro
             procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from ..progress import progress_bar
 
-            bar = tqdm(total=None, desc=f"eval ({n} workers)", unit="run", file=sys.stderr)
+            bar = progress_bar(total=None, desc=f"eval ({n} workers)", unit="run")
         while any(p.poll() is None for p, _ in procs):
             time.sleep(poll_s)
             if bar is not None:
@@ -133,4 +133,4 @@ def run_workers(n: int, child_args: list[str], out_dir, device: str = "cpu", pro
     for k in range(n):  # logs are kept only when something failed
         (out / SHARD_TODO.format(k=k, n=n)).unlink(missing_ok=True)
         (out / LOG_FILE.format(k=k)).unlink(missing_ok=True)
-    return read_rows(out)
+    return read_rows(out, unique=True)
