@@ -8,6 +8,7 @@ dequantize the weights (about a minute), and stores the result with ``save_pretr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -109,9 +110,9 @@ def is_converted(name: str) -> bool:
 
 
 def _progress(total: int, desc: str, unit: str = "B"):
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, leave=False)
+    return progress_bar(total=total, desc=desc, unit=unit, unit_scale=True)
 
 
 def assemble_gguf(name: str, progress: bool = True) -> Path:
@@ -145,13 +146,65 @@ def assemble_gguf(name: str, progress: bool = True) -> Path:
     return target
 
 
-def _load_hf(path: Path, gguf_file: str | None, dtype, device: str):
+@contextlib.contextmanager
+def _file_lock(name: str):
+    """An exclusive lock on ``$KVCASCADE_HOME/locks/NAME`` (waits for another process holding it)."""
+    path = home() / "locks" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _hf_progress(progress: bool):
+    """``transformers``' own loading bars: shown on a terminal when ``progress`` is on, off otherwise."""
+    from transformers.utils import logging as hf_logging
+
+    from .progress import _is_terminal
+
+    was = hf_logging.is_progress_bar_enabled()
+    show = progress and _is_terminal(sys.stderr)
+    if show != was:
+        (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+    old_env = os.environ.get("TQDM_DISABLE")
+    if not show:  # GGUF dequantisation draws plain tqdm bars that the flag above does not reach
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if show != was:
+            (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+        if not show:
+            if old_env is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = old_env
+
+
+def _load_hf(path: Path, gguf_file: str | None, dtype, device: str, progress: bool = True):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(str(path), **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, **kw)
+    what = path / gguf_file if gguf_file else path
+    try:
+        with _hf_progress(progress):
+            tok = AutoTokenizer.from_pretrained(str(path), **kw)
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32, **kw)
+    except KVCascadeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - corrupt or incomplete files raise many kinds of errors
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KVCascadeError(f"cannot load the model in '{what}': {msg[:300]}") from None
     return model.to(device).eval(), tok
 
 
@@ -162,7 +215,7 @@ def _convert(gguf_path: Path, out_dir: Path, meta: dict, progress: bool = True) 
     _check_gguf_support()
     if progress:
         print(f"converting {gguf_path.name} (tokenizer + dequantisation, about a minute, once) ...", file=sys.stderr)
-    model, tok = _load_hf(gguf_path.parent, gguf_path.name, torch.float32, "cpu")
+    model, tok = _load_hf(gguf_path.parent, gguf_path.name, torch.float32, "cpu", progress=progress)
     # The weights are dequantized to float32 on load; drop the GGUF quantizer marker so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -171,7 +224,9 @@ def _convert(gguf_path: Path, out_dir: Path, meta: dict, progress: bool = True) 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    (tmp / "kvcascade.json").write_text(json.dumps(meta, indent=1))
+    import transformers
+
+    (tmp / "kvcascade.json").write_text(json.dumps({**meta, "transformers": transformers.__version__}, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
 
@@ -183,8 +238,12 @@ def prepare(name: str, progress: bool = True, force: bool = False) -> Path:
     out = converted_dir(name)
     if is_converted(name) and not force:
         return out
-    gguf_path = assemble_gguf(name, progress=progress)
-    _convert(gguf_path, out, {"name": name, "sha256": MODELS[name].sha256}, progress=progress)
+    # several processes (eval --workers, parallel tests) may ask at once: one converts, the others wait for it
+    with _file_lock(f"{name}.lock"):
+        if is_converted(name) and not force:
+            return out
+        gguf_path = assemble_gguf(name, progress=progress)
+        _convert(gguf_path, out, {"name": name, "sha256": MODELS[name].sha256}, progress=progress)
     return out
 
 
@@ -242,10 +301,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = "cpu", dt
             path, gguf = p, None
         elif p.is_file() and p.suffix == ".gguf":
             st = p.stat()
+            if st.st_size == 0:
+                raise KVCascadeError(f"'{p}' is empty: not a GGUF model")
             key = f"gguf-{p.stem}-{st.st_size}-{st.st_mtime_ns}"
             out = home() / "models" / key
-            if not (out / "kvcascade.json").is_file():
-                _convert(p, out, {"name": key, "source": str(p.resolve())}, progress=progress)
+            with _file_lock(f"{key}.lock"):
+                if not (out / "kvcascade.json").is_file():
+                    _convert(p, out, {"name": key, "source": str(p.resolve())}, progress=progress)
             path, gguf = out, None
         elif p.exists():
             raise KVCascadeError(f"'{p}' is neither a Hugging Face model directory nor a .gguf file")
@@ -260,7 +322,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = "cpu", dt
     except (OSError, ValueError) as e:
         raise KVCascadeError(f"cannot read the model configuration in '{path}': {e}") from None
     check_architecture(getattr(config, "text_config", None) if config.model_type == "gemma3" else config)
-    model, tok = _load_hf(path, gguf, torch_dtype, device)
+    model, tok = _load_hf(path, gguf, torch_dtype, device, progress=progress)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok

@@ -135,3 +135,38 @@ def test_api_errors():
         kvcascade.make_policy("nope")
     with pytest.raises(KVCascadeError, match="takes no budget"):
         kvcascade.make_policy("full", budget=10)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--budget", "64", "--policy-arg", "budget=50"], "budget is given twice"),
+    (["--temperature", "nan"], "temperature must be a finite number"),
+])
+def test_more_bad_generate_input(tiny_model_dir, extra, needle, capsys):
+    code, _, err = run(["generate", "--model", str(tiny_model_dir), "--prompt", "w1 w2", "--quiet"] + extra, capsys)
+    assert code == 2 and needle in err and err.startswith("kvcascade: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUF\x03\x00\x00\x00garbage", b"not a model at all" * 100])
+def test_corrupt_gguf_is_one_clear_line(tmp_path, monkeypatch, content, capsys):
+    monkeypatch.setenv("KVCASCADE_HOME", str(tmp_path / "home"))
+    f = tmp_path / "broken.gguf"
+    f.write_bytes(content)
+    code, _, err = run(["generate", "--model", str(f), "--prompt", "hi", "--quiet"], capsys)
+    assert code == 2 and err.startswith("kvcascade: error: ") and err.count("\n") == 1, err
+    assert str(f.name) in err
+
+
+def test_model_folder_without_weights(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    d = tmp_path / "noweights"
+    shutil.copytree(tiny_model_dir, d)
+    for w in d.glob("*.safetensors"):
+        w.unlink()
+    code, _, err = run(["generate", "--model", str(d), "--prompt", "w1 w2", "--quiet"], capsys)
+    assert code == 2 and err.startswith("kvcascade: error: cannot load the model") and err.count("\n") == 1, err
+
+
+def test_policies_says_what_happens_on_sliding_window_layers(capsys):
+    code, out, _ = run(["policies"], capsys)
+    assert code == 0 and "sliding-window layers" in out and "window - 1 tokens" in out

@@ -63,3 +63,58 @@ def test_engine_rejects_bad_arguments(tiny_model_dir):
         kvcascade.generate(model, tok, "")
     with pytest.raises(KVCascadeError, match="empty"):
         kvcascade.generate(model, tok, [])
+
+
+def test_concurrent_prepare_converts_once(monkeypatch, tmp_path):
+    """Several processes (eval --workers) preparing a fresh model: one converts, the others wait and reuse it."""
+    import threading
+    import time
+
+    monkeypatch.setenv("KVCASCADE_HOME", str(tmp_path))
+    calls = []
+
+    def fake_assemble(name, progress=True):
+        return tmp_path / "x.gguf"
+
+    def fake_convert(gguf, out, meta, progress=True):
+        calls.append(out)
+        time.sleep(0.3)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.mkdir(parents=True)
+        (tmp / "kvcascade.json").write_text("{}")
+        tmp.replace(out)  # fails if another converter already put the folder there
+
+    monkeypatch.setattr(models, "assemble_gguf", fake_assemble)
+    monkeypatch.setattr(models, "_convert", fake_convert)
+    errors = []
+
+    def worker():
+        try:
+            models.prepare("gemma-3-270m", progress=False)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(calls) == 1 and models.is_converted("gemma-3-270m")
+
+
+def test_progress_off_a_terminal_prints_rarely():
+    import io
+
+    from kvcascade.progress import progress_bar
+
+    buf = io.StringIO()  # not a terminal, like a log file or CI
+    bar = progress_bar(total=100_000, desc="prefill", unit="tok", stream=buf)
+    for _ in range(100_000):
+        bar.update(1)
+    bar.close()
+    assert 1 <= buf.getvalue().count("prefill") <= 3, buf.getvalue()
+    quiet = io.StringIO()
+    bar = progress_bar(total=10, stream=quiet, enabled=False)
+    bar.update(10)
+    bar.close()
+    assert quiet.getvalue() == ""

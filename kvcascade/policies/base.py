@@ -74,6 +74,10 @@ class Policy:
         """Tokens this layer may keep per KV head (None: unbounded)."""
         return getattr(self, "budget", None)
 
+    def layer_cap(self, cache, layer) -> int | None:
+        """Tokens ``layer`` may hold per KV head after this policy's step, now (default: :meth:`layer_budget`)."""
+        return self.layer_budget(layer.idx, cache.num_layers)
+
     def query_weights(self, n_queries: int, device):
         """Per-query weights of ``stats.mass`` (None: a plain sum over the chunk's queries)."""
         return None
@@ -142,8 +146,17 @@ def sink_mask(pos: torch.Tensor, sinks: int) -> torch.Tensor:
     return pos < sinks
 
 
-def make_policy(policy: str | Policy = "streaming", budget: int | None = None, **params) -> Policy:
-    """Build a policy by registry name (``budget`` and ``params`` are its parameters) or pass one through."""
+def make_policy(policy: str | Policy = "streaming", budget: int | None = None, /, **params) -> Policy:
+    """Build a policy by registry name (``budget`` and ``params`` are its parameters) or pass one through.
+
+    The budget may come as the second argument or as ``budget=`` among the parameters, not both."""
+    if budget is not None and params.get("budget") is not None:
+        raise KVCascadeError(f"policy '{policy}': the budget is given twice ({budget} and budget={params['budget']}); "
+                             "give it once (with --budget / --budgets, or as a policy argument)")
+    if budget is None:
+        budget = params.pop("budget", None)
+    else:
+        params.pop("budget", None)
     if isinstance(policy, Policy):
         if budget is not None or params:
             raise KVCascadeError("pass budget/parameters when naming a policy, not with a policy object")
@@ -167,9 +180,16 @@ def parse_policy_spec(spec: str) -> tuple[str, dict]:
     return name, dict(a.split("=", 1) for a in args)
 
 
+SLIDING_LAYERS_NOTE = (
+    "On sliding-window layers (Gemma3's local layers; any model whose config sets a sliding window) every policy "
+    "keeps the last window - 1 tokens, the most such a layer ever attends to (capped by the policy's budget for "
+    "that layer); the policy itself runs on the global (full-attention) layers.")
+
+
 def describe_policies() -> list[dict]:
     return [
         {"name": name, "summary": (cls.__doc__ or "").strip().splitlines()[0], "position_mode": cls.position_mode,
-         "params": {k: {"default": v, "doc": cls.DOCS.get(k, "")} for k, v in cls.PARAMS.items()}}
+         "params": {k: {"default": v, "doc": cls.DOCS.get(k, "")} for k, v in cls.PARAMS.items()},
+         "sliding_layers": "keep the last window - 1 tokens (see SLIDING_LAYERS_NOTE)"}
         for name, cls in sorted(REGISTRY.items())
     ]

@@ -42,5 +42,6 @@ class PyramidKV(SnapKV):
         return max(1, hi - layer_idx * step)
 
     def layer_budget(self, layer_idx: int, num_layers: int) -> int:
-        # a short prompt gets the uniform SnapKV budget, which can exceed the pyramid's upper layers
+        # the most a layer can be given before the prompt length is known: a short prompt gets the uniform SnapKV
+        # budget, which can exceed the pyramid's upper layers; once prefill has chosen, layer_cap is the layer's share
         return max(self.prefix_budget(layer_idx, num_layers) + self.window, self.budget)

@@ -48,6 +48,13 @@ class SnapKV(Policy):
         """Prefix tokens kept (window excluded) in this layer for a prompt of ``n`` cached tokens."""
         return self.budget - self.window
 
+    def layer_cap(self, cache, layer) -> int:
+        """Decoding keeps the prefix chosen at the end of prefill plus ``window`` recent tokens per layer (for
+        PyramidKV, the layer's pyramid share: upper layers never grow back to ``budget``)."""
+        if "prefix" in layer.state:
+            return layer.state["prefix"] + self.window
+        return self.layer_budget(layer.idx, cache.num_layers)
+
     def _pool(self, score: torch.Tensor) -> torch.Tensor:
         B, H, P = score.shape
         x = score.reshape(B * H, 1, P)
@@ -65,18 +72,18 @@ class SnapKV(Policy):
                 return
             w = min(self.window, stats.n_queries, n)
             keep_prefix = self.prefix_budget(layer.idx, cache.num_layers, n)
+            layer.state["prefix"] = keep_prefix  # decoding keeps this layer at keep_prefix + window (layer_cap)
             if n - w <= keep_prefix:
                 return
             score = self._pool(stats.obs[:, :, : n - w])
             idx = keep_indices(score, keep_prefix)
             tail = torch.arange(n - w, n, device=idx.device).view(1, 1, -1).expand(idx.shape[0], idx.shape[1], -1)
             layer.compact(torch.cat([idx, tail], dim=-1))
-            layer.state["prefix"] = keep_prefix
             return
         # decoding: the selected prefix stays, the newest tokens slide
         # through the remaining slots
         if stats.phase == "decode":
-            budget = self.layer_budget(layer.idx, cache.num_layers)
+            budget = self.layer_cap(cache, layer)
             if n > budget:
                 p = min(layer.state.get("prefix", budget - self.window), budget - 1)
                 dev = layer.keys.device
