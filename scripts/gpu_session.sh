@@ -8,7 +8,6 @@
 #   e2e            bench e2e (1M-token prompt, cascade budget 8K; full cache at 32K)
 #   eval TASKS     kvcascade eval TASKS with $POLICIES $BUDGETS $LENGTHS $SAMPLES $CHUNK $WORKERS $HAYSTACK $DEPTHS
 #                  into ~/ev/$NAME (resumable), results.jsonl + summary.md copied to $OUT/$NAME
-#   passkey4k | longctx | variants | ppl   (the earlier passkey/perplexity scripts)
 set -euo pipefail
 export PYTHONUNBUFFERED=1 KVCASCADE_HOME=$HOME/kvh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1 || true
@@ -19,7 +18,6 @@ case "$1" in
   setup)
     mkdir -p "$KVCASCADE_HOME/gguf"
     cat ~/m/q.part0* > "$KVCASCADE_HOME/gguf/qwen2.5-coder-0.5b-instruct.gguf"
-    if [ -f .data/kjv.txt ]; then mkdir -p ~/d && cp .data/kjv.txt ~/d/; fi
     sha256sum "$KVCASCADE_HOME/gguf/qwen2.5-coder-0.5b-instruct.gguf"
     python3 -c "import kvcascade; print(kvcascade.prepare('qwen2.5-coder-0.5b', progress=False))" ;;
   check)
@@ -44,16 +42,4 @@ case "$1" in
     cp ~/ev/"${NAME:-eval}"/results.jsonl ~/ev/"${NAME:-eval}"/summary.md "$OUT/${NAME:-eval}/" 2>/dev/null || true
     ls ~/ev/"${NAME:-eval}"/worker-*.log >/dev/null 2>&1 && tail -3 ~/ev/"${NAME:-eval}"/worker-*.log || true
     wc -l ~/ev/"${NAME:-eval}"/results.jsonl ;;
-  passkey4k)
-    python3 scripts/passkey_grid.py --device cuda --lengths 4k --budgets 512,2048 --samples 10 \
-      --policies full,window,streaming,h2o,tova,snapkv,pyramidkv,cascade --out "$OUT/passkey_4k_gpu.jsonl" ;;
-  longctx)
-    python3 scripts/passkey_grid.py --device cuda --lengths "${LENGTHS:-16k,64k}" --budgets 4096,8192 \
-      --samples "${SAMPLES:-10}" --policies "${POLICIES:-full,streaming,cascade}" --out "$OUT/passkey_long_gpu.jsonl" ;;
-  variants)
-    python3 scripts/passkey_grid.py --device cuda --lengths "${LENGTHS:-4k,16k}" --budgets "${BUDGETS:-2048,8192}" \
-      --samples "${SAMPLES:-10}" --policies "$POLICIES" ${DEPTH:+--depth $DEPTH} --out "$OUT/${NAME:-passkey_variants_gpu}.jsonl" ;;
-  ppl)
-    python3 scripts/ppl.py --device cuda --text .data/kjv.txt --budget 8192 --policies "${POLICIES:-cascade,streaming,window}" \
-      --max-tokens "${MAX_TOKENS:-0}" --out "$OUT/ppl_kjv_gpu.json" ;;
 esac
