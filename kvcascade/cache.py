@@ -223,6 +223,8 @@ class CompressedCache(Cache):
         self.num_kv_heads = config.num_key_value_heads
         self.phase: str | None = None  # set by the engine; inferred from the chunk size when None
         self.final_chunk = True  # the engine clears it for all but the last prompt chunk
+        self.remaining: int | None = None  # prompt tokens after the current chunk (set by the engine; None: unknown)
+        self.aux: dict = {}  # what a policy's setup attaches to this cache (hooks, heads)
         self._last_ids = None  # (position ids tensor, its first position) from next_position_ids
         policy.setup(self)
         if policy.position_mode == "cache" and not all(
@@ -242,6 +244,7 @@ class CompressedCache(Cache):
     def release(self) -> None:
         """Give the model back the attention implementation it had before this cache switched it."""
         if self._model is not None:
+            self.policy.teardown(self)
             restore(self._model, self._previous_attn)
             self._model = None
 

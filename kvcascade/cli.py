@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import KVCascadeError
 
@@ -63,11 +64,13 @@ def cmd_generate(args) -> int:
     prompt = _read_prompt(args)
     policy = make_policy(args.policy, args.budget, **_parse_policy_args(args.policy_arg))  # validate before loading
     check_generation_args(args.max_new_tokens, args.chunk_size, args.temperature, args.top_p)
+    if args.query is not None and not args.query.strip():
+        raise KVCascadeError("the query is empty")
     model, tok = _load(args)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     r = generate(model, tok, prompt, policy=policy, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, on_token=stream,
-                 progress=not args.quiet)
+                 progress=not args.quiet, query=args.query)
     if args.json:
         print(json.dumps(r.to_dict()))
     else:
@@ -101,6 +104,11 @@ def cmd_demo(args) -> int:
 
 
 def _read_text_file(path: str, what: str) -> str:
+    """A text file's contents; ``kjv:all``, ``kjv:ot``, ``kjv:nt`` name (parts of) the shipped King James text."""
+    if path.startswith("kjv:") and not Path(path).exists():
+        from .eval.ppl import kjv_part
+
+        return kjv_part(path[4:])
     text = _read_file(path, what)
     if not text.strip():
         raise KVCascadeError(f"{what} '{path}' is empty")
@@ -234,6 +242,30 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    """``kvcascade train locret``: retaining heads for a model, resumable."""
+    from .locret.train import KINDS, train
+
+    kinds = [k.strip() for k in args.data.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise KVCascadeError(f"--data takes a comma-separated list of {', '.join(KINDS)}, got '{args.data}'")
+    for p in args.text or []:
+        _read_text_file(p, "training text")  # unreadable: one clear line before the model loads
+    if args.steps < 1 or args.width < 1:
+        raise KVCascadeError(f"--steps and --width must be >= 1 (got {args.steps}, {args.width})")
+    model, tok = _load(args)
+    summary = train(model, tok, args.out, model_name=args.model, steps=args.steps, width=args.width,
+                    examples=args.examples, kinds=kinds, max_prefix=args.max_prefix, min_prefix=args.min_prefix,
+                    answer_tokens=args.answer_tokens, gen_batch=args.gen_batch, lr=args.lr, seed=args.seed,
+                    progress=not args.quiet, data_paths=args.text, time_limit_s=args.time_limit)
+    print(json.dumps(summary))
+    if not summary["finished"]:
+        print(f"kvcascade train: stopped at step {summary['steps_done']} of {summary['steps']} (time limit); "
+              "run the same command again to resume", file=sys.stderr)
+    return 0
+
+
 def cmd_policies(args) -> int:
     from .policies import describe_policies
 
@@ -304,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--query", default=None, help="the question, also placed before the context (query-aware mode, "
+                   "Locret-Q): policies that evict during prefill then know what will be asked")
     g.add_argument("--json", action="store_true", help="last line of stdout: one JSON object with the result")
     g.set_defaults(func=cmd_generate)
 
@@ -331,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--depths", default=None, help="comma-separated needle depths in [0, 1] (default: spread evenly)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--full-max", default=None, help="longest prompt for the full policy (default: model window)")
-    e.add_argument("--text", default=None, help="ppl: text file (default: the King James Bible shipped with kvcascade)")
-    e.add_argument("--haystack-file", default=None, help="prose haystack text (default: the KJV Bible)")
+    e.add_argument("--text", default=None, help="ppl: text file, or kjv:ot / kjv:nt for a part of the shipped King "
+                   "James text (default: all of it)")
+    e.add_argument("--haystack-file", default=None, help="prose haystack text file, or kjv:ot / kjv:nt (default: "
+                   "the whole shipped King James text)")
     e.add_argument("--bucket", type=int, default=8192, help="ppl: tokens per position bucket")
     e.add_argument("--out", default="eval-out", help="output folder (results.jsonl, summary.md, plots)")
     e.add_argument("--workers", type=int, default=1,
@@ -359,6 +395,28 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--full-lengths", default="32k", help="e2e: prompt lengths for the full cache")
     bn.add_argument("--out", default=None, help="JSON file for the rows")
     bn.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("train", help="train Locret retaining heads for a model (resumable)",
+                       description="Trains Locret's retaining heads on data made on the spot (King James Old "
+                       "Testament, installed Python sources, synthetic needles; answers by the model itself) and "
+                       "writes OUT (safetensors). Rerun the same command to resume from OUT.ckpt.")
+    t.add_argument("what", choices=["locret"])
+    _add_model_args(t)
+    t.add_argument("--out", required=True, help="heads file to write (.safetensors)")
+    t.add_argument("--steps", type=int, default=3000, help="training steps, batch 1 (paper: 3000)")
+    t.add_argument("--width", type=int, default=256, help="hidden width d_R of each head (paper: 1024; App. I: 256 "
+                   "loses little)")
+    t.add_argument("--examples", type=int, default=None, help="training examples to make (default: --steps)")
+    t.add_argument("--data", default="kjv,code,needles", help="kinds of training data, comma-separated")
+    t.add_argument("--text", action="append", help="extra plain-text file for prose examples (repeatable)")
+    t.add_argument("--max-prefix", type=int, default=8192, help="longest training prefix in tokens")
+    t.add_argument("--min-prefix", type=int, default=2048, help="shortest training prefix in tokens")
+    t.add_argument("--answer-tokens", type=int, default=64, help="longest generated answer")
+    t.add_argument("--gen-batch", type=int, default=16, help="prompts per batch when the model writes answers")
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--time-limit", type=float, default=None, help="stop (checkpointed) after this many seconds")
+    t.set_defaults(func=cmd_train)
 
     p = sub.add_parser("policies", help="list the cache policies with their parameters")
     p.add_argument("--json", action="store_true")

@@ -91,13 +91,16 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def chunk_bounds(n: int, chunk_size: int, last_min: int = 0) -> list[tuple[int, int]]:
+def chunk_bounds(n: int, chunk_size: int, last_min: int = 0, tail: int = 0) -> list[tuple[int, int]]:
     """``(start, end)`` of each prefill chunk of an ``n``-token prompt.
 
     Chunks hold ``chunk_size`` tokens, except that the last one holds at least ``min(last_min, n)`` (the chunk
     before it is cut short instead): a policy that scores the prefix by the attention of the prompt's last
-    ``obs_window`` queries (SnapKV) needs all of them in the final chunk.
+    ``obs_window`` queries (SnapKV) needs all of them in the final chunk. With ``tail``, the last ``tail``
+    tokens are a chunk of their own (Locret's question tail, run after the eviction chunks).
     """
+    if 0 < tail < n:
+        return chunk_bounds(n - tail, chunk_size, last_min) + [(n - tail, n)]
     bounds = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
     need = min(last_min, n)
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < need:
@@ -146,9 +149,10 @@ def iter_prefill(model, cache: CompressedCache, ids: list[int], chunk_size: int,
     cache.phase = "prefill"
     tokens = torch.tensor(ids, device=device)
     _warn_past_window(model, cache.policy, len(ids))
-    for start, end in chunk_bounds(len(ids), chunk_size, cache.policy.obs_window):
+    for start, end in chunk_bounds(len(ids), chunk_size, cache.policy.obs_window, cache.policy.tail_tokens):
         chunk = tokens[start:end].view(1, -1)
         cache.final_chunk = end >= len(ids)
+        cache.remaining = len(ids) - end
         out = cache.forward(model, chunk, logits_to_keep=0 if all_logits else 1)
         if bar is not None:
             bar.update(chunk.shape[1])
@@ -264,6 +268,11 @@ def _run(model, tokenizer, cache, ids, policy, max_new_tokens, chunk_size, tempe
     )
 
 
+def with_query(prompt: str, query: str) -> str:
+    """The query-aware prompt (Locret-Q): the question before the context, the prompt as it was after it."""
+    return query.strip() + "\n\n" + prompt
+
+
 def check_generation_args(max_new_tokens: int = 64, chunk_size: int = 512, temperature: float = 0.0,
                           top_p: float = 1.0) -> None:
     """Raise :class:`KVCascadeError` for generation settings that cannot work (before any model is loaded)."""
@@ -280,7 +289,7 @@ def check_generation_args(max_new_tokens: int = 64, chunk_size: int = 512, tempe
 def generate(model, tokenizer, prompt, policy: str | Policy = "streaming", budget: int | None = None,
              policy_args: dict | None = None, max_new_tokens: int = 64, chunk_size: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_on_eos: bool = True,
-             on_token=None, progress: bool = False):
+             on_token=None, progress: bool = False, query: str | None = None):
     """Generate a continuation of ``prompt`` under a compressed KV cache.
 
     ``prompt``: text, a list of token ids, or a list of texts (a batch: one result per prompt, in order).
@@ -289,12 +298,23 @@ def generate(model, tokenizer, prompt, policy: str | Policy = "streaming", budge
     ``top_p``, seeded by ``seed``). ``on_token(piece)`` receives the text of each new token as it comes.
     Returns a :class:`GenerationResult` (or a list of them for a batch).
 
+    ``query`` (query-aware mode, Locret-Q in the Locret paper): the question, placed *before* the context as
+    well, so a policy that decides during prefill (Locret, H2O, TOVA, the cascade, chunked SnapKV) already
+    knows what will be asked while it evicts; the prompt is sent as ``query + "\n\n" + prompt`` (the prompt
+    keeps its own question at the end). Works with every policy; costs the query's tokens once more.
+
     A batch is run one prompt after another, each with its own cache (same answers as one at a time).
     """
     check_generation_args(max_new_tokens, chunk_size, temperature, top_p)
     pol = make_policy(policy, budget, **(policy_args or {}))
     batch = isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str)
     prompts = list(prompt) if batch else [prompt]
+    if query is not None:
+        if not isinstance(query, str) or not query.strip():
+            raise KVCascadeError("the query is empty")
+        if not all(isinstance(p, str) for p in prompts):
+            raise KVCascadeError("query= needs text prompts (not token ids)")
+        prompts = [with_query(p, query) for p in prompts]
     results = [
         _generate_one(model, tokenizer, p, pol, max_new_tokens, int(chunk_size), temperature, top_p, seed,
                       stop_on_eos, on_token, progress)

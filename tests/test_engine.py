@@ -188,3 +188,17 @@ def test_budget_given_twice_is_an_error():
         make_policy("streaming", 64, budget=50)
     assert make_policy("streaming", budget=50).budget == 50  # once, either way, is fine
     assert make_policy("streaming", 50).budget == 50
+
+
+def test_query_goes_before_the_context(tiny_model_dir):
+    model, tok = kvcascade.load_model(str(tiny_model_dir), device="cpu", progress=False)
+    plain = generate(model, tok, "w1 w2 w3 w4", policy="full", max_new_tokens=2)
+    q = generate(model, tok, "w1 w2 w3 w4", policy="full", max_new_tokens=2, query="w9 w8")
+    assert q.prompt_tokens == plain.prompt_tokens + len(tok("w9 w8\n\n", add_special_tokens=False).input_ids)
+    from kvcascade.engine import with_query
+
+    assert with_query("context. question?", " question? ") == "question?\n\ncontext. question?"
+    with pytest.raises(KVCascadeError, match="query is empty"):
+        generate(model, tok, "w1", policy="full", query="  ")
+    with pytest.raises(KVCascadeError, match="text prompts"):
+        generate(model, tok, [1, 2, 3], policy="full", query="w1")

@@ -88,3 +88,22 @@ def test_cascade_block_variant_beats_streaming_on_one_sample(qwen):
 def test_cascade_block_variant_beats_streaming_ten_samples(qwen):
     found = _issue3_run(*qwen, 10)
     assert found["cascade:block=32:cascades=6"] > found["streaming"], found
+
+
+def test_locret_shipped_heads_keep_a_fact_in_held_out_prose(qwen):
+    """The shipped heads load for the default model by themselves and keep a needle in New Testament prose (text
+    they never saw) that a window of the same budget loses."""
+    from kvcascade.eval import make_sample, score
+    from kvcascade.eval.ppl import kjv_part
+
+    model, tok = qwen
+    nt = kjv_part("nt")
+    hits = {"locret": 0, "streaming": 0}
+    for seed, depth in ((5, 0.3), (6, 0.6)):
+        s = make_sample("niah_single:haystack=prose", tok, 3072, depth, seed=seed, prose=nt)
+        for pol in hits:
+            r = kvcascade.generate(model, tok, s.prompt, policy=pol, budget=512, max_new_tokens=s.max_new_tokens,
+                                   chunk_size=512)
+            hits[pol] += score(s, r.text)
+            assert r.kv_tokens_peak <= 512 + 512 + 100
+    assert hits == {"locret": 2, "streaming": 0}, hits

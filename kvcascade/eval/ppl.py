@@ -45,6 +45,19 @@ def kjv_text() -> str:
     return data.decode("utf-8")
 
 
+KJV_PARTS = ("all", "ot", "nt")
+
+
+def kjv_part(part: str = "all") -> str:
+    """The whole shipped King James text, its Old Testament (Genesis-Malachi: what Locret heads train on) or its
+    New Testament (Matthew-Revelation, about 270K tokens: held out for evaluating them)."""
+    if part not in KJV_PARTS:
+        raise KVCascadeError(f"King James part must be one of {', '.join(KJV_PARTS)}, got '{part}'")
+    text = kjv_text()
+    cut = text.index("\nMatthew 1\n")
+    return text if part == "all" else text[:cut] if part == "ot" else text[cut + 1:]
+
+
 @torch.inference_mode()
 def streaming_perplexity(model, tokenizer, text_or_ids, policy="streaming", budget=None, policy_args=None,
                          chunk_size: int = 512, bucket: int = 8192, max_tokens: int | None = None,

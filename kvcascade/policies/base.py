@@ -33,6 +33,7 @@ class Policy:
     DOCS: ClassVar[dict[str, str]] = {}
     obs_window: int = 0  # trailing queries whose attention the kernel sums separately (stats.obs)
     needs_mass: bool = False  # whether the kernel must return stats.mass
+    tail_tokens: int = 0  # the engine runs the prompt's last tail_tokens tokens as their own final chunk
 
     def __init__(self, **params):
         unknown = sorted(set(params) - set(self.PARAMS))
@@ -69,6 +70,9 @@ class Policy:
 
     def setup(self, cache) -> None:
         """Called once when a cache is created for this policy."""
+
+    def teardown(self, cache) -> None:
+        """Called once when that cache is released (remove hooks, free what ``setup`` made)."""
 
     def layer_budget(self, layer_idx: int, num_layers: int) -> int | None:
         """Tokens this layer may keep per KV head (None: unbounded)."""
