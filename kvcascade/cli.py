@@ -106,7 +106,7 @@ def cmd_demo(args) -> int:
 def _read_text_file(path: str, what: str) -> str:
     """A text file's contents; ``kjv:all``, ``kjv:ot``, ``kjv:nt`` name (parts of) the shipped King James text."""
     if path.startswith("kjv:") and not Path(path).exists():
-        from .eval.ppl import kjv_part
+        from .texts import kjv_part
 
         return kjv_part(path[4:])
     text = _read_file(path, what)
@@ -266,6 +266,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    """``kvcascade calibrate interlayer``: layer similarity per KV head and greedy groups, to a JSON file."""
+    import math
+
+    from .interlayer.calibrate import calibrate, load_groups, regroup, save_groups
+
+    if not (0.0 <= args.delta <= 1.0) or math.isnan(args.delta):
+        raise KVCascadeError(f"--delta must be in [0, 1], got {args.delta}")
+    if args.regroup:
+        info = regroup(load_groups(args.regroup), args.delta)
+    else:
+        if args.samples < 1 or args.length < 16 or args.queries < 1:
+            raise KVCascadeError("--samples, --queries must be >= 1 and --length >= 16")
+        model, tok = _load(args)
+        info = calibrate(model, tok, samples=args.samples, length=args.length, queries=args.queries,
+                         delta=args.delta, seed=args.seed, model_name=args.model, progress=not args.quiet)
+    save_groups(info, args.out)
+    sizes = [len(blocks) for blocks in info["groups"]]
+    layers = len(info["similarity"][0])
+    print(f"{args.out}: {layers} layers -> {', '.join(map(str, sizes))} blocks per KV head at delta {args.delta}")
+    return 0
+
+
 def cmd_policies(args) -> int:
     from .policies import describe_policies
 
@@ -417,6 +440,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--time-limit", type=float, default=None, help="stop (checkpointed) after this many seconds")
     t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("calibrate", help="measure which layers attend alike (inter-layer sharing, PoD)",
+                       description="Records the attention of the last --queries positions of --samples local texts "
+                       "(King James Old Testament, installed Python sources) of --length tokens, measures 1 - JSD "
+                       "between layers per KV head, groups consecutive layers greedily at --delta, writes JSON. "
+                       "--regroup FILE regroups an earlier calibration at another --delta without the model.")
+    c.add_argument("what", choices=["interlayer"])
+    _add_model_args(c)
+    c.add_argument("--out", required=True, help="groups file to write (.json)")
+    c.add_argument("--samples", type=int, default=64)
+    c.add_argument("--length", type=int, default=8192, help="tokens per sample")
+    c.add_argument("--queries", type=int, default=64, help="last query positions whose attention is compared")
+    c.add_argument("--delta", type=float, default=0.5, help="similarity a layer needs to join its block's base")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--regroup", default=None, help="an earlier groups file: regroup it at --delta")
+    c.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("policies", help="list the cache policies with their parameters")
     p.add_argument("--json", action="store_true")

@@ -201,7 +201,7 @@ def test_shipped_kjv_text_needs_no_system_package(tok, monkeypatch):
     """The default perplexity text and prose haystack come from the package itself (checksum-checked)."""
     import shutil
 
-    import kvcascade.eval.ppl as ppl
+    import kvcascade.texts as ppl
 
     monkeypatch.setattr(shutil, "which", lambda *a, **k: None)  # no `bible` command anywhere
     ppl.kjv_text.cache_clear()
@@ -214,7 +214,7 @@ def test_shipped_kjv_text_needs_no_system_package(tok, monkeypatch):
 def test_corrupt_kjv_text_is_a_clear_error(tmp_path, monkeypatch):
     import lzma
 
-    import kvcascade.eval.ppl as ppl
+    import kvcascade.texts as ppl
 
     bad = tmp_path / "kjv.txt.xz"
     bad.write_bytes(lzma.compress(b"In the beginning"))

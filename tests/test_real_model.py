@@ -94,7 +94,7 @@ def test_locret_shipped_heads_keep_a_fact_in_held_out_prose(qwen):
     """The shipped heads load for the default model by themselves and keep a needle in New Testament prose (text
     they never saw) that a window of the same budget loses."""
     from kvcascade.eval import make_sample, score
-    from kvcascade.eval.ppl import kjv_part
+    from kvcascade.texts import kjv_part
 
     model, tok = qwen
     nt = kjv_part("nt")

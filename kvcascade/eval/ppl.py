@@ -10,11 +10,7 @@ Default text: the King James Bible, shipped with the package (:func:`kjv_text`).
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import lzma
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,39 +19,7 @@ from ..cache import CompressedCache
 from ..engine import iter_prefill
 from ..errors import KVCascadeError
 from ..policies import make_policy
-
-
-KJV_FILE = Path(__file__).resolve().parent.parent / "data" / "kjv.txt.xz"
-KJV_SHA256 = "82fa5f3788c6a9a010fb128a0f0bf588984b5888a82058520620eded59b033ea"  # of the decompressed text
-
-
-@functools.lru_cache(maxsize=1)
-def kjv_text() -> str:
-    """The whole King James Bible (public domain), shipped with the package.
-
-    The text is what Debian's ``bible-kjv`` 4.38 prints for ``bible "Gen1:1-Rev22:21"`` (4,298,239 bytes, about
-    1.16M tokens for the default model), xz-compressed; its sha256 is checked on every load.
-    """
-    try:
-        data = lzma.decompress(KJV_FILE.read_bytes())
-    except (OSError, lzma.LZMAError) as e:
-        raise KVCascadeError(f"cannot read the shipped King James text '{KJV_FILE}': {e}; reinstall kvcascade") from None
-    if hashlib.sha256(data).hexdigest() != KJV_SHA256:
-        raise KVCascadeError(f"the shipped King James text '{KJV_FILE}' is corrupt (sha256 mismatch); reinstall kvcascade")
-    return data.decode("utf-8")
-
-
-KJV_PARTS = ("all", "ot", "nt")
-
-
-def kjv_part(part: str = "all") -> str:
-    """The whole shipped King James text, its Old Testament (Genesis-Malachi: what Locret heads train on) or its
-    New Testament (Matthew-Revelation, about 270K tokens: held out for evaluating them)."""
-    if part not in KJV_PARTS:
-        raise KVCascadeError(f"King James part must be one of {', '.join(KJV_PARTS)}, got '{part}'")
-    text = kjv_text()
-    cut = text.index("\nMatthew 1\n")
-    return text if part == "all" else text[:cut] if part == "ot" else text[cut + 1:]
+from ..texts import KJV_FILE, KJV_PARTS, KJV_SHA256, kjv_part, kjv_text  # noqa: F401  (the default text lives there)
 
 
 @torch.inference_mode()

@@ -409,7 +409,7 @@ def _run_todo(model, tokenizer, grid, out, model_name, prose, ppl_text, progress
     if shard is not None:
         (out / SHARD_TODO.format(k=shard[0], n=shard[1])).write_text(str(len(todo)))
     if any(parse_task_spec(t)[0] == "ppl" for t, *_ in todo) and ppl_text is None:
-        from .ppl import kjv_text
+        from ..texts import kjv_text
 
         ppl_text = kjv_text()
     machine = machine_name(model)

@@ -126,7 +126,7 @@ def _haystack(kind: str, prose: str | None):
         return NOISE
     if kind == "prose":
         if prose is None:
-            from .ppl import kjv_text
+            from ..texts import kjv_text
 
             prose = kjv_text()
         return prose_units(prose)

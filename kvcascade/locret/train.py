@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import KVCascadeError
-from .heads import RetainingHeads, ProjectionTap
+from ..texts import python_sources
+from .heads import ProjectionTap, RetainingHeads
 from .labels import labels_and_features
 
 KINDS = ("kjv", "code", "needles")
@@ -71,34 +72,6 @@ def _needle(rng: random.Random) -> tuple[str, str, str]:
     return fact, question, answer
 
 
-def python_sources(limit_bytes: int = 40_000_000) -> list[Path]:
-    """Python files installed with the package's dependencies (real code text on any machine)."""
-    import importlib.util
-    import sysconfig
-
-    roots = []
-    for mod in ("torch", "transformers", "numpy", "tokenizers", "safetensors", "tqdm"):
-        spec = importlib.util.find_spec(mod)
-        if spec and spec.submodule_search_locations:
-            roots.append(Path(list(spec.submodule_search_locations)[0]))
-    roots.append(Path(sysconfig.get_paths()["stdlib"]))
-    files, total = [], 0
-    for root in roots:
-        for p in sorted(root.rglob("*.py")):
-            if "test" in p.name or "/tests/" in str(p):
-                continue
-            try:
-                size = p.stat().st_size
-            except OSError:
-                continue
-            if 2_000 <= size <= 200_000:
-                files.append(p)
-                total += size
-                if total > limit_bytes:
-                    return files
-    return files
-
-
 def _chat_prefix(tokenizer, user: str) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):  # a base model: the plain text, then a newline
         return tokenizer(user + "\n").input_ids
@@ -123,7 +96,7 @@ def make_examples(model, tokenizer, n: int, *, kinds=KINDS, min_prefix: int = 20
                   answer_tokens: int = 64, batch: int = 16, seed: int = 0, progress: bool = True,
                   data_paths: list[str] | None = None) -> list[dict]:
     """``n`` examples ``{"ids": [...], "prefix": P, "kind": ...}`` (see the module docstring)."""
-    from ..eval.ppl import kjv_part
+    from ..texts import kjv_part
     from ..progress import progress_bar
 
     bad = [k for k in kinds if k not in KINDS]

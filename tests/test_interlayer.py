@@ -1,0 +1,156 @@
+"""Inter-layer sharing (PoD) pieces: grouping, similarity, the shared-score attention, storage accounting,
+calibration on a tiny model, and bad inputs."""
+
+import json
+
+import pytest
+import torch
+
+from kvcascade.errors import KVCascadeError
+from kvcascade.interlayer.attention import proximal_mask, shared_attention, storage_bytes
+from kvcascade.interlayer.calibrate import (calibrate, group_layers, jsd, load_groups, regroup, save_groups,
+                                            similarity_from_attention)
+
+from .conftest import make_tiny_tokenizer, tiny_model
+
+
+def test_grouping_on_hand_made_similarities():
+    sim = torch.eye(6, dtype=torch.float64).repeat(2, 1, 1)
+    # head 0: layers 0-2 alike, 3 alone, 4-5 alike; head 1: nothing alike
+    for a, b in [(0, 1), (0, 2), (1, 2), (4, 5)]:
+        sim[0, a, b] = sim[0, b, a] = 0.8
+    sim[0, 1, 3] = sim[0, 3, 1] = 0.9  # alike to layer 1, but the block's base is 0: 3 starts a new block
+    assert group_layers(sim, 0.5) == [[[0, 1, 2], [3], [4, 5]], [[0], [1], [2], [3], [4], [5]]]
+    assert group_layers(sim, 0.85) == [[[0], [1], [2], [3], [4], [5]]] * 2
+    assert group_layers(sim, 0.0) == [[[0, 1, 2, 3, 4, 5]]] * 2
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(KVCascadeError, match="delta must be in"):
+            group_layers(sim, bad)
+
+
+def test_jsd_and_similarity():
+    p = torch.tensor([[0.5, 0.5, 0.0]])
+    assert float(jsd(p, p)) == pytest.approx(0.0)
+    assert float(jsd(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]))) == pytest.approx(1.0)
+    a = torch.softmax(torch.randn(4, 3, 10), -1)  # [Hq=4, Q=3, T=10], 2 KV heads
+    b = a.clone()
+    b[2:] = torch.softmax(torch.randn(2, 3, 10), -1)  # KV head 1's query heads differ
+    sim = similarity_from_attention([a, b], n_kv=2)
+    assert float(sim[0, 0, 1]) == pytest.approx(1.0) and float(sim[1, 0, 1]) < 1.0
+    assert torch.equal(sim[:, 0, 1], sim[:, 1, 0]) and float(sim[1, 0, 0]) == 1.0
+
+
+def naive_shared(q, k, v, k_base, q_base, scaling, q_pos, k_pos, n_sink, n_recent, share):
+    B, Hq, C, D = q.shape
+    H, N = k.shape[1], k.shape[2]
+    out = torch.zeros(B, Hq, C, D, dtype=torch.float64)
+    for b in range(B):
+        for hq in range(Hq):
+            h = hq // (Hq // H)
+            for i in range(C):
+                logits = []
+                for j in range(N):
+                    if k_pos[j] > q_pos[i]:
+                        logits.append(float("-inf"))
+                        continue
+                    proximal = k_pos[j] < n_sink or q_pos[i] - k_pos[j] < n_recent
+                    if k_base is None or proximal:
+                        s = q[b, hq, i].double() @ k[b, h, j].double()
+                    elif share == "scores":
+                        s = q_base[b, hq, i].double() @ k_base[b, h, j].double()
+                    else:
+                        s = q[b, hq, i].double() @ k_base[b, h, j].double()
+                    logits.append(float(s) * scaling)
+                p = torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
+                out[b, hq, i] = p @ v[b, h].double()
+    return out
+
+
+@pytest.mark.parametrize("share", ["scores", "keys"])
+@pytest.mark.parametrize("n_sink,n_recent", [(2, 3), (0, 1), (1, 100)])
+def test_shared_attention_equals_a_naive_loop(share, n_sink, n_recent):
+    g = torch.Generator().manual_seed(n_recent)
+    B, Hq, H, C, N, D = 1, 4, 2, 5, 12, 8
+    q, qb = torch.randn(B, Hq, C, D, generator=g), torch.randn(B, Hq, C, D, generator=g)
+    k, kb, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    q_pos, k_pos = torch.arange(N - C, N), torch.arange(N)
+    got = shared_attention(q, k, v, scaling=0.3, q_pos=q_pos, k_pos=k_pos, n_sink=n_sink, n_recent=n_recent,
+                           k_base=kb, q_base=qb, share=share)
+    want = naive_shared(q, k, v, kb, qb, 0.3, q_pos.tolist(), k_pos.tolist(), n_sink, n_recent, share)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_every_layer_its_own_block_is_full_attention():
+    """A base layer attends as usual; and with every token proximal, a non-base layer does too."""
+    from kvcascade.kernels import reference_attention_with_scores
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 6, 8, generator=g)
+    k, v, kb = (torch.randn(1, 2, 10, 8, generator=g) for _ in range(3))
+    pos = torch.arange(10)
+    ref = reference_attention_with_scores(q, k, v, scaling=0.25, q_orig=pos[4:], k_orig=pos.view(1, 1, -1),
+                                          need_mass=False)[0]
+    base = shared_attention(q, k, v, scaling=0.25, q_pos=pos[4:], k_pos=pos, n_sink=1, n_recent=2)
+    allprox = shared_attention(q, k, v, scaling=0.25, q_pos=pos[4:], k_pos=pos, n_sink=0, n_recent=10, k_base=kb,
+                               share="keys")
+    torch.testing.assert_close(base, ref)
+    torch.testing.assert_close(allprox, ref)
+    m = proximal_mask(pos[4:], pos, 1, 2)
+    assert m[0].tolist() == [True, False, False, True, True, False, False, False, False, False]
+
+
+def test_storage_accounting():
+    # 4 layers, 2 KV heads: head 0 blocks [0,1,2],[3]; head 1 all separate; 100 tokens, 4 sinks + 16 recent
+    groups = [[[0, 1, 2], [3]], [[0], [1], [2], [3]]]
+    r = storage_bytes(groups, 4, 100, 4, 16, head_dim=8, element_size=2)
+    per = 16
+    full = 2 * 4 * 2 * 100 * per
+    kept = full - 2 * (100 - 20) * per  # head 0: layers 1 and 2 drop 80 distant keys each
+    assert r == {"full": full, "kept": kept, "saved": pytest.approx(1 - kept / full)}
+    alone = storage_bytes([[[0], [1], [2], [3]]] * 2, 4, 100, 4, 16, 8, 2)
+    assert alone["saved"] == 0.0
+
+
+def test_calibrate_a_tiny_model_and_regroup(tmp_path):
+    model = tiny_model("qwen2", layers=4)
+    tok = make_tiny_tokenizer(tmp_path / "tok")
+    info = calibrate(model, tok, samples=2, length=64, queries=8, delta=0.5, model_name="tiny", progress=False)
+    sim = torch.tensor(info["similarity"])
+    assert sim.shape == (2, 4, 4) and torch.allclose(sim, sim.transpose(1, 2))
+    assert ((sim >= 0) & (sim <= 1.0 + 1e-9)).all() and torch.allclose(sim[:, range(4), range(4)], torch.ones(2, 4))
+    assert all(sum(len(b) for b in blocks) == 4 for blocks in info["groups"])
+    path = save_groups(info, tmp_path / "g.json")
+    back = load_groups(path, model)
+    assert back["groups"] == info["groups"]
+    assert regroup(back, 0.0)["groups"] == [[[0, 1, 2, 3]]] * 2
+    assert regroup(back, 1.0)["groups"] == [[[0], [1], [2], [3]]] * 2
+    assert model.config._attn_implementation != "kvcascade_interlayer_capture"
+    with pytest.raises(KVCascadeError, match="calibrated for tiny"):
+        load_groups(path, tiny_model("llama", layers=3))
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["calibrate", "interlayer", "--out", "g.json", "--delta", "1.5"], "--delta must be in"),
+    (["calibrate", "interlayer", "--out", "g.json", "--regroup", "/no/such/groups.json"], "does not exist"),
+    (["calibrate", "interlayer", "--out", "g.json", "--samples", "0"], "--samples"),
+])
+def test_calibrate_cli_errors(argv, msg, capsys):
+    from kvcascade.cli import main
+
+    assert main(argv + ["--model", "/nonexistent-model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvcascade: error:") and msg in err[0], err
+
+
+def test_calibrate_cli_regroups_without_the_model(tmp_path, capsys):
+    from kvcascade.cli import main
+
+    info = {"format": "kvcascade-interlayer-groups/1", "model": "m", "fingerprint": {},
+            "similarity": torch.eye(3).repeat(1, 1, 1).tolist(), "groups": [[[0], [1], [2]]], "delta": 0.5}
+    (tmp_path / "a.json").write_text(json.dumps(info))
+    assert main(["calibrate", "interlayer", "--regroup", str(tmp_path / "a.json"), "--delta", "0",
+                 "--out", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["groups"] == [[[0, 1, 2]]]
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["calibrate", "interlayer", "--regroup", str(tmp_path / "bad.json"), "--out", "x.json"]) == 2
+    assert "not a kvcascade inter-layer groups file" in capsys.readouterr().err
