@@ -175,22 +175,37 @@ def _layer_windows(config) -> list[int | None]:
     return [None] * n
 
 
+_install_lock = threading.Lock()
+
+
 def install(model) -> str | None:
-    """Register the ``kvcascade`` attention function and make ``model`` use it; return the implementation it had."""
+    """Register the ``kvcascade`` attention function and make ``model`` use it; return the implementation it had.
+
+    Counted per model: several caches may be in use on one model at once (a server interleaving requests), and
+    the model gets its own implementation back only when the last of them is released (:func:`restore`)."""
     from transformers import AttentionInterface
 
-    if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, kvcascade_attention)
-    previous = model.config._attn_implementation
-    if previous != ATTN_IMPLEMENTATION:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    return previous
+    with _install_lock:
+        if ATTN_IMPLEMENTATION not in AttentionInterface._global_mapping:
+            AttentionInterface.register(ATTN_IMPLEMENTATION, kvcascade_attention)
+        users = getattr(model, "_kvcascade_users", 0)
+        if users == 0:
+            model._kvcascade_previous_attn = model.config._attn_implementation
+        model._kvcascade_users = users + 1
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        return model._kvcascade_previous_attn
 
 
-def restore(model, previous: str | None) -> None:
-    """Give ``model`` back the attention implementation :func:`install` found (if it still uses ours)."""
-    if previous and previous != ATTN_IMPLEMENTATION and model.config._attn_implementation == ATTN_IMPLEMENTATION:
-        model.set_attn_implementation(previous)
+def restore(model, previous: str | None = None) -> None:
+    """One user of ``model`` is done: with none left, give it back the implementation :func:`install` found."""
+    with _install_lock:
+        users = max(0, getattr(model, "_kvcascade_users", 1) - 1)
+        model._kvcascade_users = users
+        previous = getattr(model, "_kvcascade_previous_attn", previous)
+        if users == 0 and previous and previous != ATTN_IMPLEMENTATION and \
+                model.config._attn_implementation == ATTN_IMPLEMENTATION:
+            model.set_attn_implementation(previous)
 
 
 class CompressedCache(Cache):

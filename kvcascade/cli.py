@@ -289,6 +289,39 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """``kvcascade serve``: the OpenAI-compatible server (see kvcascade.serve)."""
+    from .policies import make_policy
+
+    policy_args = _parse_policy_args(args.policy_arg)
+    make_policy(args.policy, None if args.policy == "full" else args.budget, **policy_args)  # before loading
+    for name, value, low in (("--port", args.port, 0), ("--max-prompt-tokens", args.max_prompt_tokens, 1),
+                             ("--max-new-tokens", args.max_new_tokens, 1), ("--chunk-size", args.chunk_size, 1)):
+        if value < low:
+            raise KVCascadeError(f"{name} must be >= {low}, got {value}")
+    if not args.kv_limit_mib > 0:
+        raise KVCascadeError(f"--kv-limit-mib must be positive, got {args.kv_limit_mib}")
+    try:
+        import uvicorn
+
+        from .serve import Server, build_app
+    except ImportError as e:
+        raise KVCascadeError(f"kvcascade serve needs fastapi, uvicorn and openai: pip install 'kvcascade[serve]' "
+                             f"({e.name} is missing)") from None
+    model, tok = _load(args)
+    server = Server(model, tok, args.model, policy=args.policy, budget=args.budget, policy_args=policy_args,
+                    chunk_size=args.chunk_size, max_prompt_tokens=args.max_prompt_tokens,
+                    max_new_tokens=args.max_new_tokens, kv_limit_bytes=int(args.kv_limit_mib * 2**20),
+                    queue_timeout_s=args.queue_timeout)
+    print(f"kvcascade serve: {args.model} on http://{args.host}:{args.port}/v1 (policy {args.policy}, budget "
+          f"{args.budget}, KV limit {args.kv_limit_mib:g} MiB)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(build_app(server), host=args.host, port=args.port, log_level="warning")
+    finally:
+        server.scheduler.shutdown()
+    return 0
+
+
 def cmd_policies(args) -> int:
     from .policies import describe_policies
 
@@ -456,6 +489,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--regroup", default=None, help="an earlier groups file: regroup it at --delta")
     c.set_defaults(func=cmd_calibrate)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a bounded KV budget per request")
+    _add_model_args(sv)
+    _add_policy_args(sv, "streaming", 2048)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-prompt-tokens", type=int, default=32768, help="longer prompts get a 400")
+    sv.add_argument("--max-new-tokens", type=int, default=1024, help="largest max_tokens a request may ask")
+    sv.add_argument("--kv-limit-mib", type=float, default=8192, help="KV bytes all running requests may reserve "
+                    "together; a request waits for room, then gets a 503")
+    sv.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request may wait for KV room")
+    sv.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("policies", help="list the cache policies with their parameters")
     p.add_argument("--json", action="store_true")

@@ -35,6 +35,7 @@ class GenerationResult:
     decode_s: float
     policy: str
     params: dict = field(default_factory=dict)
+    finish_reason: str = ""  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,62 +211,143 @@ class StreamDecoder:
 
 
 def _generate_one(model, tokenizer, prompt, policy: Policy, max_new_tokens: int, chunk_size: int,
-                  temperature: float, top_p: float, seed: int | None, stop_on_eos: bool, on_token, progress: bool):
-    ids = tokenize(tokenizer, prompt)
-    with CompressedCache(model, policy) as cache:  # the model gets its attention implementation back at the end
-        return _run(model, tokenizer, cache, ids, policy, max_new_tokens, chunk_size, temperature, top_p, seed,
-                    stop_on_eos, on_token, progress)
+                  temperature: float, top_p: float, seed: int | None, stop_on_eos: bool, on_token, progress: bool,
+                  stop=()):
+    session = Session(model, tokenizer, tokenize(tokenizer, prompt), policy, max_new_tokens=max_new_tokens,
+                      chunk_size=chunk_size, temperature=temperature, top_p=top_p, seed=seed,
+                      stop_on_eos=stop_on_eos, stop=stop, on_token=on_token, progress=progress)
+    try:
+        while not session.step():
+            pass
+        return session.result()
+    finally:
+        session.close()  # the model gets its attention implementation back
 
 
-def _run(model, tokenizer, cache, ids, policy, max_new_tokens, chunk_size, temperature, top_p, seed, stop_on_eos,
-         on_token, progress):
-    device = model.device
-    gen = None
-    if temperature > 0:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(0 if seed is None else seed)
-    eos = _eos_ids(model, tokenizer) if stop_on_eos else set()
+class Session:
+    """One prompt's generation as a sequence of steps: each :meth:`step` runs one prefill chunk or decodes one
+    token, so a caller can interleave several sessions on one model (the server does) or run one to the end
+    (:func:`generate`). Greedy or nucleus sampling, EOS, ``stop`` strings (the text ends before the first one; a
+    piece that could be the start of a stop string is held back until it is not), streaming through
+    ``on_token(piece)``. :meth:`close` releases the cache (also when abandoned half-way).
+    """
 
-    _sync(device)
-    t0 = time.perf_counter()
-    logits = prefill(model, cache, ids, chunk_size, progress=progress)
-    _sync(device)
-    t1 = time.perf_counter()
+    def __init__(self, model, tokenizer, ids: list[int], policy: Policy, *, max_new_tokens: int = 64,
+                 chunk_size: int = 512, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop_on_eos: bool = True, stop=(), on_token=None, progress: bool = False):
+        self.model, self.tokenizer, self.ids, self.policy = model, tokenizer, ids, policy
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.stop = [s for s in (stop or ()) if s]
+        self.on_token = on_token
+        self.device = model.device
+        self.gen = None
+        if temperature > 0:
+            self.gen = torch.Generator(device=self.device)
+            self.gen.manual_seed(0 if seed is None else seed)
+        self.eos = _eos_ids(model, tokenizer) if stop_on_eos else set()
+        self.cache = CompressedCache(model, policy)
+        self._prefill = iter_prefill(model, self.cache, ids, chunk_size, progress=progress)
+        self.logits = None
+        self.new: list[int] = []
+        self.stream = StreamDecoder(tokenizer)
+        self.text = ""  # decoded so far (before stop handling)
+        self.sent = 0  # characters of self.text handed to on_token
+        self.done = False
+        self.finish_reason: str | None = None
+        self.t0 = self.t1 = self.t2 = None
 
-    new: list[int] = []
-    stream = StreamDecoder(tokenizer) if on_token is not None else None
-    cache.phase = "decode"
-    cache.final_chunk = True
-    with torch.inference_mode():
-        while len(new) < max_new_tokens:
-            tok = _sample(logits, temperature, top_p, gen)
-            if tok in eos:
-                break
-            new.append(tok)
-            if stream is not None and (piece := stream.push(tok)):
-                on_token(piece)
-            if len(new) >= max_new_tokens:
-                break
-            inp = torch.tensor([[tok]], device=device)
-            out = cache.forward(model, inp, logits_to_keep=1)
-            logits = out.logits[0, -1]
-    if stream is not None and (piece := stream.finish()):
-        on_token(piece)
-    _sync(device)
-    t2 = time.perf_counter()
-    return GenerationResult(
-        text=tokenizer.decode(new, skip_special_tokens=True),
-        token_ids=new,
-        prompt_tokens=len(ids),
-        new_tokens=len(new),
-        kv_tokens_peak=cache.kv_tokens_peak(),
-        kv_bytes_peak=cache.kv_bytes_peak(),
-        kv_bytes_full=_full_cache_bytes(cache, cache.seen_tokens),
-        prefill_s=t1 - t0,
-        decode_s=t2 - t1,
-        policy=policy.name,
-        params=policy.params(),
-    )
+    # -- steps ---------------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Run one prefill chunk or decode one token; return True when the session has finished."""
+        if self.done:
+            return True
+        with torch.inference_mode():
+            if self.t1 is None:
+                if self.t0 is None:
+                    _sync(self.device)
+                    self.t0 = time.perf_counter()
+                try:
+                    _, logits = next(self._prefill)
+                    self.logits = logits[-1]
+                    return False
+                except StopIteration:
+                    _sync(self.device)
+                    self.t1 = time.perf_counter()
+                    self.cache.phase = "decode"
+                    self.cache.final_chunk = True
+                    self.cache.remaining = 0
+                    if self.max_new_tokens == 0:
+                        return self._finish("length")
+            tok = _sample(self.logits, self.temperature, self.top_p, self.gen)
+            if tok in self.eos:
+                return self._finish("stop")
+            self.new.append(tok)
+            self.text += self.stream.push(tok)
+            if self._check_stop():
+                return True
+            if len(self.new) >= self.max_new_tokens:
+                return self._finish("length")
+            out = self.cache.forward(self.model, torch.tensor([[tok]], device=self.device), logits_to_keep=1)
+            self.logits = out.logits[0, -1]
+            return False
+
+    def _check_stop(self) -> bool:
+        for s in self.stop:
+            at = self.text.find(s)
+            if at >= 0:
+                self.text = self.text[:at]
+                return self._finish("stop", flushed=True)
+        # hand over what can no longer turn into a stop string
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        safe = len(self.text)
+        for k in range(1, hold + 1):
+            if any(s.startswith(self.text[-k:]) for s in self.stop if len(self.text) >= k):
+                safe = len(self.text) - k
+        self._emit(safe)
+        return False
+
+    def _emit(self, upto: int) -> None:
+        if self.on_token is not None and upto > self.sent:
+            self.on_token(self.text[self.sent:upto])
+        self.sent = max(self.sent, upto)
+
+    def _finish(self, reason: str, flushed: bool = False) -> bool:
+        if not flushed:
+            self.text += self.stream.finish()
+            for s in self.stop:  # the flushed tail may complete a stop string
+                at = self.text.find(s)
+                if at >= 0:
+                    self.text, reason = self.text[:at], "stop"
+        self._emit(len(self.text))
+        _sync(self.device)
+        self.t2 = time.perf_counter()
+        if self.t1 is None:
+            self.t1 = self.t2
+        self.done = True
+        self.finish_reason = reason
+        return True
+
+    # -- results -------------------------------------------------------------------------------------------
+    def result(self) -> GenerationResult:
+        cache = self.cache
+        return GenerationResult(
+            text=self.text if self.stop else self.tokenizer.decode(self.new, skip_special_tokens=True),
+            token_ids=self.new,
+            prompt_tokens=len(self.ids),
+            new_tokens=len(self.new),
+            kv_tokens_peak=cache.kv_tokens_peak(),
+            kv_bytes_peak=cache.kv_bytes_peak(),
+            kv_bytes_full=_full_cache_bytes(cache, cache.seen_tokens),
+            prefill_s=(self.t1 or 0.0) - (self.t0 or 0.0),
+            decode_s=(self.t2 or 0.0) - (self.t1 or 0.0),
+            policy=self.policy.name,
+            params=self.policy.params(),
+            finish_reason=self.finish_reason or "",
+        )
+
+    def close(self) -> None:
+        self._prefill.close()
+        self.cache.release()
 
 
 def with_query(prompt: str, query: str) -> str:
@@ -289,13 +371,14 @@ def check_generation_args(max_new_tokens: int = 64, chunk_size: int = 512, tempe
 def generate(model, tokenizer, prompt, policy: str | Policy = "streaming", budget: int | None = None,
              policy_args: dict | None = None, max_new_tokens: int = 64, chunk_size: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stop_on_eos: bool = True,
-             on_token=None, progress: bool = False, query: str | None = None):
+             on_token=None, progress: bool = False, query: str | None = None, stop=None):
     """Generate a continuation of ``prompt`` under a compressed KV cache.
 
     ``prompt``: text, a list of token ids, or a list of texts (a batch: one result per prompt, in order).
     ``policy``: a registry name (``budget`` and ``policy_args`` are its parameters) or a
     :class:`~kvcascade.policies.Policy`. Greedy unless ``temperature > 0`` (then nucleus sampling with
     ``top_p``, seeded by ``seed``). ``on_token(piece)`` receives the text of each new token as it comes.
+    ``stop``: a string or strings; the answer ends before the first one (``finish_reason`` "stop").
     Returns a :class:`GenerationResult` (or a list of them for a batch).
 
     ``query`` (query-aware mode, Locret-Q in the Locret paper): the question, placed *before* the context as
@@ -317,7 +400,7 @@ def generate(model, tokenizer, prompt, policy: str | Policy = "streaming", budge
         prompts = [with_query(p, query) for p in prompts]
     results = [
         _generate_one(model, tokenizer, p, pol, max_new_tokens, int(chunk_size), temperature, top_p, seed,
-                      stop_on_eos, on_token, progress)
+                      stop_on_eos, on_token, progress, stop=[stop] if isinstance(stop, str) else (stop or ()))
         for p in prompts
     ]
     return results if batch else results[0]

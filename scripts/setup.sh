@@ -9,4 +9,4 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0
 fi
-"$PY" -m pip install -q -e ".[qwen,gemma,plot,test]" ${KVCASCADE_TRANSFORMERS:+"transformers==$KVCASCADE_TRANSFORMERS"}
+"$PY" -m pip install -q -e ".[qwen,gemma,plot,serve,test]" ${KVCASCADE_TRANSFORMERS:+"transformers==$KVCASCADE_TRANSFORMERS"}

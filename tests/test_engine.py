@@ -202,3 +202,50 @@ def test_query_goes_before_the_context(tiny_model_dir):
         generate(model, tok, "w1", policy="full", query="  ")
     with pytest.raises(KVCascadeError, match="text prompts"):
         generate(model, tok, [1, 2, 3], policy="full", query="w1")
+
+
+def test_interleaved_caches_on_one_model():
+    """Two caches in use at once (a server's requests): releasing one leaves the other working; the model gets
+    its own attention back when the last is released."""
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    a = CompressedCache(model, make_policy("full"))
+    b = CompressedCache(model, make_policy("streaming", 8, sinks=2))
+    a.forward(model, torch.tensor([[1, 2, 3]]))
+    b.forward(model, torch.tensor([[4, 5]]))
+    a.release()
+    assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+    b.forward(model, torch.tensor([[6]]))
+    assert b.layers[0].seen == 3
+    b.release()
+    assert model.config._attn_implementation == "eager"
+
+
+def test_stop_strings_and_finish_reason(tiny_model_dir):
+    model, tok = kvcascade.load_model(str(tiny_model_dir), device="cpu", progress=False)
+    full = generate(model, tok, "w1 w2 w3", policy="full", max_new_tokens=12, stop_on_eos=False)
+    assert full.finish_reason == "length" and len(full.text) >= 12
+    stop = full.text[8:12]
+    at = full.text.find(stop)
+    pieces = []
+    r = generate(model, tok, "w1 w2 w3", policy="full", max_new_tokens=12, stop_on_eos=False, stop=[stop, "zzz"],
+                 on_token=pieces.append)
+    assert r.finish_reason == "stop" and r.text == full.text[:at]
+    assert "".join(pieces) == r.text and stop not in "".join(pieces)  # nothing of the stop string was streamed
+
+
+def test_sessions_interleave_like_one_at_a_time(tiny_model_dir):
+    from kvcascade.engine import Session, tokenize
+
+    model, tok = kvcascade.load_model(str(tiny_model_dir), device="cpu", progress=False)
+    prompts = ["w1 w2 w3 w4 w5 w6 w7 w8 w9", "w10 w11", "w3 w3 w3 w3"]
+    alone = [generate(model, tok, p, policy="streaming", budget=6, policy_args={"sinks": 2}, max_new_tokens=6,
+                      chunk_size=3, stop_on_eos=False).text for p in prompts]
+    sessions = [Session(model, tok, tokenize(tok, p), make_policy("streaming", 6, sinks=2), max_new_tokens=6,
+                        chunk_size=3, stop_on_eos=False) for p in prompts]
+    while not all(s.done for s in sessions):
+        for s in sessions:
+            s.step()
+    assert [s.result().text for s in sessions] == alone
+    for s in sessions:
+        s.close()

@@ -161,3 +161,27 @@ def test_pyramid_layers_keep_their_share_while_decoding():
         if phase == "decode":
             assert [len(layer) for layer in cache.layers] == shares
     assert sum(len(layer) for layer in cache.layers) <= 6 * 12 * 1.05
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(sorted(REGISTRY)), budget=st.integers(6, 20), length=st.integers(1, 48),
+       chunk=st.integers(1, 17), decode=st.integers(0, 6), seed=st.integers(0, 1000))
+def test_max_tokens_bounds_what_a_generation_holds(name, budget, length, chunk, decode, seed):
+    """The bound a server reserves per request is never below what the cache actually held."""
+    from kvcascade.engine import Session
+
+    policy = make_policy("full") if name == "full" else policy_for(name, budget)
+    ids = torch.randint(0, 96, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+    class Tok:
+        eos_token_id = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    s = Session(MODEL, Tok(), ids, policy, max_new_tokens=decode, chunk_size=chunk, stop_on_eos=False)
+    while not s.step():
+        pass
+    held = s.cache.kv_tokens_peak()
+    s.close()
+    assert held <= policy.max_tokens(length, decode, chunk, MODEL.config.num_hidden_layers)

@@ -78,6 +78,15 @@ class Policy:
         """Tokens this layer may keep per KV head (None: unbounded)."""
         return getattr(self, "budget", None)
 
+    def max_tokens(self, prompt_tokens: int, max_new: int, chunk: int, num_layers: int) -> int:
+        """An upper bound on the tokens any layer holds per KV head at any moment of a generation (prompt chunk
+        included at attention time): what a server reserves for a request."""
+        total = prompt_tokens + max_new
+        caps = [self.layer_budget(i, num_layers) for i in range(num_layers)]
+        if any(c is None for c in caps):
+            return total
+        return min(total, max(caps) + chunk)
+
     def layer_cap(self, cache, layer) -> int | None:
         """Tokens ``layer`` may hold per KV head after this policy's step, now (default: :meth:`layer_budget`)."""
         return self.layer_budget(layer.idx, cache.num_layers)

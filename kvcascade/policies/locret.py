@@ -114,6 +114,10 @@ class Locret(Policy):
         if item is not None:
             item[1].close()
 
+    def max_tokens(self, prompt_tokens: int, max_new: int, chunk: int, num_layers: int) -> int:
+        after = self.local + (self.decode_window + 1 if self.decode == "bounded" else max_new)
+        return min(prompt_tokens + max_new, self.budget + max(chunk, after))
+
     def layer_cap(self, cache, layer) -> int:
         if self.decode == "grow":
             return None

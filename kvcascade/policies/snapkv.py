@@ -48,6 +48,12 @@ class SnapKV(Policy):
         """Prefix tokens kept (window excluded) in this layer for a prompt of ``n`` cached tokens."""
         return self.budget - self.window
 
+    def max_tokens(self, prompt_tokens: int, max_new: int, chunk: int, num_layers: int) -> int:
+        bound = super().max_tokens(prompt_tokens, max_new, chunk, num_layers)
+        if self.chunked:
+            return bound
+        return min(prompt_tokens + max_new, max(bound, prompt_tokens))  # the whole prompt until its last chunk
+
     def layer_cap(self, cache, layer) -> int:
         """Decoding keeps the prefix chosen at the end of prefill plus ``window`` recent tokens per layer (for
         PyramidKV, the layer's pyramid share: upper layers never grow back to ``budget``)."""
