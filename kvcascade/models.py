@@ -335,3 +335,21 @@ def list_models() -> list[dict]:
          "converted": is_converted(s.name), "extra": s.extra, "default": s.name == DEFAULT_MODEL}
         for s in MODELS.values()
     ]
+
+
+# -- shapes ---------------------------------------------------------------------------------------------------
+def text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+def head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def fingerprint(config) -> dict:
+    """The shapes of a model's attention: what trained heads or calibrated layer groups must match."""
+    cfg = text_config(config)
+    return {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": cfg.num_key_value_heads, "head_dim": head_dim(cfg),
+            "hidden_act": getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", "silu")}

@@ -159,7 +159,7 @@ def calibration_texts(tokenizer, samples: int, length: int, seed: int = 0) -> li
 def calibrate(model, tokenizer, *, samples: int = 64, length: int = 8192, queries: int = 64, delta: float = 0.5,
               seed: int = 0, model_name: str = "", progress: bool = True) -> dict:
     """Measure layer similarity per KV head and group layers; returns the groups-file content."""
-    from ..locret.heads import fingerprint, text_config
+    from ..models import fingerprint, text_config
     from ..progress import progress_bar
 
     if samples < 1 or length < 16 or queries < 1:
@@ -192,7 +192,7 @@ def save_groups(info: dict, path) -> Path:
 
 def load_groups(path, model=None) -> dict:
     """Read a groups file; with ``model``, refuse one calibrated on another architecture (one clear error)."""
-    from ..locret.heads import fingerprint
+    from ..models import fingerprint
 
     try:
         info = json.loads(Path(path).read_text())

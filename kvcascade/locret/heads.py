@@ -20,12 +20,9 @@ import torch
 from torch import nn
 
 from ..errors import KVCascadeError
+from ..models import fingerprint, head_dim, text_config  # noqa: F401  (shapes a head set must match)
 
 FORMAT = "kvcascade-locret-heads/1"
-
-
-def text_config(config):
-    return getattr(config, "text_config", None) or config
 
 
 def attention_layers(model) -> list[nn.Module]:
@@ -44,10 +41,6 @@ def attention_layers(model) -> list[nn.Module]:
     return out
 
 
-def head_dim(cfg) -> int:
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
 def scored_layers(config) -> list[int]:
     """Layers that get a head: every global (full-attention) layer; sliding-window layers keep their window."""
     cfg = text_config(config)
@@ -56,15 +49,6 @@ def scored_layers(config) -> list[int]:
     if types is not None:
         return [i for i, t in enumerate(types[:n]) if t != "sliding_attention"]
     return list(range(n))
-
-
-def fingerprint(config) -> dict:
-    """What a head set must match: the shapes of the model's attention."""
-    cfg = text_config(config)
-    return {"model_type": cfg.model_type, "num_hidden_layers": cfg.num_hidden_layers,
-            "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
-            "num_key_value_heads": cfg.num_key_value_heads, "head_dim": head_dim(cfg),
-            "hidden_act": getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", "silu")}
 
 
 def _activation(name: str):
