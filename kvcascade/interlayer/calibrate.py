@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 from pathlib import Path
 
 import torch
 
 from ..errors import KVCascadeError
+from ..probe import current_state, observe, sdpa
 
 FORMAT = "kvcascade-interlayer-groups/1"
 CAPTURE_ATTENTION = "kvcascade_interlayer_capture"
-_ctx = threading.local()
 
 
 def jsd(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -78,9 +77,7 @@ def group_layers(sim: torch.Tensor, delta: float) -> list[list[list[int]]]:
 
 
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    state = getattr(_ctx, "state", None)
+    state = current_state()
     if state is not None:
         Qn = state["queries"]
         B, Hq, T, D = query.shape
@@ -96,33 +93,14 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
             causal &= rows - torch.arange(T, device=query.device).view(1, -1) < window
         logits = logits.masked_fill(~causal, float("-inf"))
         state["probs"][module.layer_idx] = torch.softmax(logits, dim=-1)[0]  # [Hq, Q, T]
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                  **kwargs)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    if CAPTURE_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(CAPTURE_ATTENTION, _capture_attention)
-    if CAPTURE_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_ATTENTION, sdpa_mask)
+    return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 @torch.no_grad()
 def attention_of_last_queries(model, ids: torch.Tensor, queries: int) -> list[torch.Tensor]:
     """Per layer, the attention ``[Hq, queries, T]`` of the last ``queries`` positions of ``ids`` ``[1, T]``."""
-    _register()
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(CAPTURE_ATTENTION)
-    _ctx.state = {"queries": min(queries, ids.shape[1]), "probs": {}}
-    try:
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        probs = _ctx.state["probs"]
-    finally:
-        _ctx.state = None
-        model.set_attn_implementation(previous)
+    probs = observe(model, ids, CAPTURE_ATTENTION, _capture_attention,
+                    {"queries": min(queries, ids.shape[1]), "probs": {}})["probs"]
     n = model.config.get_text_config().num_hidden_layers if hasattr(model.config, "get_text_config") \
         else model.config.num_hidden_layers
     if len(probs) != n:

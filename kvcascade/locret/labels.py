@@ -12,20 +12,16 @@ on the same forward records the heads' inputs.
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
 from ..errors import KVCascadeError
+from ..probe import current_state, observe, sdpa
 
 LABEL_ATTENTION = "kvcascade_locret_labels"
-_ctx = threading.local()
 
 
 def _label_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    state = getattr(_ctx, "state", None)
+    state = current_state()
     if state is not None and module.layer_idx in state["layers"]:
         P = state["prefix"]
         B, Hq, T, D = query.shape
@@ -35,18 +31,7 @@ def _label_attention(module, query, key, value, attention_mask, scaling=None, dr
         k = key[:, :, :P].float()
         logits = torch.einsum("bhgad,bhpd->bhgap", q, k) * s  # answer rows see every prefix token (causal)
         state["labels"][module.layer_idx] = logits.amax(dim=(2, 3))  # [B, H, P]
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                  **kwargs)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    if LABEL_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(LABEL_ATTENTION, _label_attention)
-    if LABEL_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        ALL_MASK_ATTENTION_FUNCTIONS.register(LABEL_ATTENTION, sdpa_mask)  # the causal mask SDPA gets
+    return sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 @torch.no_grad()
@@ -58,17 +43,9 @@ def labels_and_features(model, tap, ids: torch.Tensor, prefix_len: int, layers: 
     T = ids.shape[1]
     if not 0 < prefix_len < T:
         raise KVCascadeError(f"a training example needs a prefix and an answer (prefix {prefix_len} of {T} tokens)")
-    _register()
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(LABEL_ATTENTION)
-    _ctx.state = {"prefix": prefix_len, "layers": set(layers), "labels": {}}
     tap.clear()
-    try:
-        model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        labels = _ctx.state["labels"]
-    finally:
-        _ctx.state = None
-        model.set_attn_implementation(previous)
+    labels = observe(model, ids, LABEL_ATTENTION, _label_attention,
+                     {"prefix": prefix_len, "layers": set(layers), "labels": {}})["labels"]
     missing = [i for i in layers if i not in labels]
     if missing:
         raise KVCascadeError(f"no labels were recorded for layers {missing}: the model's attention did not go "
