@@ -363,3 +363,15 @@ def test_perplexity_refuses_a_bad_chunk_size(tiny_model_dir):
     for kw in ({"chunk_size": -1}, {"chunk_size": 0}, {"bucket": 0}):
         with pytest.raises(KVCascadeError, match="must be a positive"):
             streaming_perplexity(model, tok, "w1 w2 w3 w4", policy="full", **kw)
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah_single", "niah_multikey:haystack=prose"])
+def test_query_first_puts_the_question_before_the_text(tok, task):
+    plain = make_sample(task, tok, 2048, 0.5, seed=3, prose=PROSE)
+    q = make_sample(f"{task}:query_first=1", tok, 2048, 0.5, seed=3, prose=PROSE)
+    assert abs(q.tokens - 2048) <= 0.01 * 2048 and q.answers == plain.answers
+    first = q.prompt.split("\n\n")[0]
+    assert first.endswith("?") and first not in plain.prompt[:len(first) + 5]
+    assert q.prompt.rstrip().endswith(plain.prompt.rstrip()[-40:])  # same question at the end
+    with pytest.raises(KVCascadeError, match="query_first must be one of"):
+        make_sample(f"{task}:query_first=yes", tok, 2048, 0.5, prose=PROSE)

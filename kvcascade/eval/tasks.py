@@ -15,6 +15,7 @@ Task specs take options like policy specs: ``niah_single:haystack=prose:value=uu
 | ``niah_multikey`` | 4 keys, 1 asked (3 distractors) | niah_multikey_1 (prose, numbers) | haystack, value, keys |
 | ``niah_multivalue`` | 1 key with 4 values | niah_multivalue (prose, numbers) | haystack, value, values |
 | ``niah_multiquery`` | 4 keys, all asked | niah_multiquery (prose, numbers) | haystack, value, queries |
+| (all needle tasks) | | | query_first (1: the question also before the text, Locret-Q) |
 | ``vt`` | a chain of 5 variable assignments (4 hops) in noise | vt (1 chain, 4 hops) | hops, chains |
 | ``cwe`` | 10 words x 30 among words x 3 | cwe (freq 30 / 3) | |
 | ``fwe`` | the 3 most frequent coded words (Zipf, alpha 2) | fwe (alpha 2) | alpha |
@@ -156,10 +157,16 @@ PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 PASSKEY_QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
-def passkey(tokenizer, length, depth=0.5, seed=0, prose=None) -> Sample:
+def _query_head(query_first, question: str, head: str) -> str:
+    """Query-aware prompts (``query_first=1``; Locret-Q in the Locret paper): the question also before the text."""
+    return f"{question.strip()}\n\n{head}" if int(query_first) else head
+
+
+def passkey(tokenizer, length, depth=0.5, seed=0, prose=None, query_first=0) -> Sample:
     rng = random.Random(seed)
     key = str(rng.randint(10000, 99999))
-    prompt, tokens, nt, span = _needle_prompt(tokenizer, length, PASSKEY_INTRO, PASSKEY_QUESTION,
+    head = _query_head(query_first, "What is the pass key?", PASSKEY_INTRO)
+    prompt, tokens, nt, span = _needle_prompt(tokenizer, length, head, PASSKEY_QUESTION,
                                               [(depth, PASSKEY_NEEDLE.format(key=key))], NOISE, 0)
     return Sample("passkey", prompt, [key], tokens, depth, nt, max_new_tokens=8, metric="first_number", meta=span)
 
@@ -171,7 +178,8 @@ NIAH_TAIL = ("\nWhat are all the special magic {tv} for {query} mentioned in the
              "The special magic {tv} for {query} mentioned in the provided text are")
 
 
-def _niah(name, tokenizer, length, depth, seed, prose, haystack, value, keys, values, queries) -> Sample:
+def _niah(name, tokenizer, length, depth, seed, prose, haystack, value, keys, values, queries,
+          query_first=0) -> Sample:
     keys, values, queries = int(keys), int(values), int(queries)
     if not (1 <= queries <= keys):
         raise KVCascadeError(f"{name}: queries must be between 1 and keys ({keys}), got {queries}")
@@ -192,7 +200,9 @@ def _niah(name, tokenizer, length, depth, seed, prose, haystack, value, keys, va
     query = asked[0] if queries == 1 else ", ".join(asked[:-1]) + " and " + asked[-1]
     units = _haystack(haystack, prose)
     offset = rng.randrange(len(units)) if haystack == "prose" else 0
-    prompt, tokens, nt, span = _needle_prompt(tokenizer, length, NIAH_HEAD.format(tv=tv),
+    question = f"What are all the special magic {tv} for {query} mentioned in the provided text?"
+    prompt, tokens, nt, span = _needle_prompt(tokenizer, length, _query_head(query_first, question,
+                                                                             NIAH_HEAD.format(tv=tv)),
                                               NIAH_TAIL.format(tv=tv, query=query), placed, units, offset)
     answers = [v for k in asked for v in vals[k]]
     # RULER allows 128 new tokens; we allow 16 plus 16 per expected number (32 per uuid): an answer that lists
@@ -203,20 +213,20 @@ def _niah(name, tokenizer, length, depth, seed, prose, haystack, value, keys, va
                         **span})
 
 
-def niah_single(tokenizer, length, depth=0.5, seed=0, prose=None, haystack="noise", value="number"):
-    return _niah("niah_single", tokenizer, length, depth, seed, prose, haystack, value, 1, 1, 1)
+def niah_single(tokenizer, length, depth=0.5, seed=0, prose=None, haystack="noise", value="number", query_first=0):
+    return _niah("niah_single", tokenizer, length, depth, seed, prose, haystack, value, 1, 1, 1, query_first)
 
 
-def niah_multikey(tokenizer, length, depth=0.5, seed=0, prose=None, haystack="prose", value="number", keys=4):
-    return _niah("niah_multikey", tokenizer, length, depth, seed, prose, haystack, value, keys, 1, 1)
+def niah_multikey(tokenizer, length, depth=0.5, seed=0, prose=None, haystack="prose", value="number", keys=4, query_first=0):
+    return _niah("niah_multikey", tokenizer, length, depth, seed, prose, haystack, value, keys, 1, 1, query_first)
 
 
-def niah_multivalue(tokenizer, length, depth=0.5, seed=0, prose=None, haystack="prose", value="number", values=4):
-    return _niah("niah_multivalue", tokenizer, length, depth, seed, prose, haystack, value, 1, values, 1)
+def niah_multivalue(tokenizer, length, depth=0.5, seed=0, prose=None, haystack="prose", value="number", values=4, query_first=0):
+    return _niah("niah_multivalue", tokenizer, length, depth, seed, prose, haystack, value, 1, values, 1, query_first)
 
 
-def niah_multiquery(tokenizer, length, depth=0.5, seed=0, prose=None, haystack="prose", value="number", queries=4):
-    return _niah("niah_multiquery", tokenizer, length, depth, seed, prose, haystack, value, queries, 1, queries)
+def niah_multiquery(tokenizer, length, depth=0.5, seed=0, prose=None, haystack="prose", value="number", queries=4, query_first=0):
+    return _niah("niah_multiquery", tokenizer, length, depth, seed, prose, haystack, value, queries, 1, queries, query_first)
 
 
 VT_HEAD = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
@@ -326,7 +336,7 @@ DEPTH_TASKS = {"passkey", "niah_single", "niah_multikey", "niah_multivalue", "ni
 _NUMERIC_OPTIONS = {"keys": (int, 1), "values": (int, 1), "queries": (int, 1), "hops": (int, 1), "chains": (int, 1),
                     "common": (int, 1), "freq_common": (int, 2), "freq_rare": (int, 1), "vocab": (int, 4),
                     "alpha": (float, 1e-6)}
-_CHOICE_OPTIONS = {"haystack": ("noise", "prose"), "value": ("number", "uuid")}
+_CHOICE_OPTIONS = {"haystack": ("noise", "prose"), "value": ("number", "uuid"), "query_first": ("0", "1")}
 
 
 def _check_option(task: str, key: str, value) -> None:
@@ -339,7 +349,7 @@ def _check_option(task: str, key: str, value) -> None:
         if v is None or v != v or v < low:  # v != v: NaN
             what = "a whole number" if kind is int else "a number"
             raise KVCascadeError(f"task {task}: option {key} must be {what} >= {low:g}, got '{value}'")
-    if key in _CHOICE_OPTIONS and value not in _CHOICE_OPTIONS[key]:
+    if key in _CHOICE_OPTIONS and str(value) not in _CHOICE_OPTIONS[key]:
         raise KVCascadeError(f"task {task}: option {key} must be one of {', '.join(_CHOICE_OPTIONS[key])}, got '{value}'")
 
 
