@@ -387,14 +387,19 @@ class CompressedCache(Cache):
             k_orig = torch.arange(layer.seen, layer.seen + C, device=query.device).view(1, 1, C).expand(B, H, C)
         q_orig = torch.arange(layer.seen, layer.seen + C, device=query.device)
         policy = self.policy
-        out, mass, obs = attention_with_scores(
-            query, k_all, v_all, scaling=scaling, softcap=softcap, q_orig=q_orig, k_orig=k_orig,
-            window=layer.window, obs_window=policy.obs_window, need_mass=policy.needs_mass,
-            q_weights=policy.query_weights(C, query.device) if policy.needs_mass else None,
-        )
+        custom = policy.attention(self, layer, query, k_all, v_all, q_orig=q_orig, k_orig=k_orig, scaling=scaling,
+                                  softcap=softcap)
+        if custom is not None:
+            out, mass, obs = custom
+        else:
+            out, mass, obs = attention_with_scores(
+                query, k_all, v_all, scaling=scaling, softcap=softcap, q_orig=q_orig, k_orig=k_orig,
+                window=layer.window, obs_window=policy.obs_window, need_mass=policy.needs_mass,
+                q_weights=policy.query_weights(C, query.device) if policy.needs_mass else None,
+            )
         layer.append(k_store, value_new)
         layer.peak_tokens = max(layer.peak_tokens, len(layer))
-        layer.peak_bytes = max(layer.peak_bytes, layer.nbytes())
+        layer.peak_bytes = max(layer.peak_bytes, policy.layer_bytes(layer))
         phase = self.phase or ("prefill" if C > 1 else "decode")
         stats = AttnStats(mass, obs, C, query.shape[1] // H, phase, self.final_chunk)
         if layer.is_sliding:

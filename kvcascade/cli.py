@@ -85,7 +85,10 @@ def cmd_demo(args) -> int:
     from .eval import make_passkey, score_passkey
     from .policies import make_policy
 
-    policy = make_policy(args.policy, args.budget, **_parse_policy_args(args.policy_arg))
+    from .policies.base import takes_budget
+
+    policy = make_policy(args.policy, args.budget if takes_budget(args.policy) else None,
+                         **_parse_policy_args(args.policy_arg))
     model, tok = _load(args)
     s = make_passkey(tok, args.length, args.depth, seed=args.seed)
     print(f"prompt: {s.tokens:,} tokens of filler, pass key {s.answer} hidden at depth {s.depth:.0%} "
@@ -292,9 +295,10 @@ def cmd_calibrate(args) -> int:
 def cmd_serve(args) -> int:
     """``kvcascade serve``: the OpenAI-compatible server (see kvcascade.serve)."""
     from .policies import make_policy
+    from .policies.base import takes_budget
 
     policy_args = _parse_policy_args(args.policy_arg)
-    make_policy(args.policy, None if args.policy == "full" else args.budget, **policy_args)  # before loading
+    make_policy(args.policy, args.budget if takes_budget(args.policy) else None, **policy_args)  # before loading
     for name, value, low in (("--port", args.port, 0), ("--max-prompt-tokens", args.max_prompt_tokens, 1),
                              ("--max-new-tokens", args.max_new_tokens, 1), ("--chunk-size", args.chunk_size, 1)):
         if value < low:

@@ -154,3 +154,80 @@ def test_calibrate_cli_regroups_without_the_model(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{}")
     assert main(["calibrate", "interlayer", "--regroup", str(tmp_path / "bad.json"), "--out", "x.json"]) == 2
     assert "not a kvcascade inter-layer groups file" in capsys.readouterr().err
+
+
+def _groups(model, tmp_path, blocks_per_head, sim=1.0):
+    from kvcascade.interlayer.calibrate import FORMAT
+    from kvcascade.models import fingerprint
+
+    L = model.config.num_hidden_layers
+    path = tmp_path / "groups.json"
+    path.write_text(json.dumps({"format": FORMAT, "model": "tiny", "fingerprint": fingerprint(model.config),
+                                "similarity": [[[1.0 if a == b else sim for b in range(L)] for a in range(L)]]
+                                * len(blocks_per_head), "groups": blocks_per_head,
+                                "delta": 0.5}))
+    return str(path)
+
+
+def test_interlayer_policy_shares_only_where_grouped(tmp_path):
+    from kvcascade import make_policy
+    from kvcascade.cache import CompressedCache
+
+    from .conftest import run_chunks
+
+    model = tiny_model("qwen2", layers=3)
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(2))
+    full = run_chunks(model, CompressedCache(model, make_policy("full")), ids, 8)
+    together = _groups(model, tmp_path, [[[0, 1, 2]], [[0], [1, 2]]])
+    for share in ("scores", "keys"):
+        # every token proximal: sharing changes nothing
+        near = run_chunks(model, CompressedCache(model, make_policy("interlayer", groups=together, sinks=0,
+                                                                    recent=64, share=share)), ids, 8)
+        torch.testing.assert_close(near, full, rtol=1e-4, atol=1e-4)
+        # a short window: distant tokens go through the base layer, and the answer changes
+        far = run_chunks(model, CompressedCache(model, make_policy("interlayer", groups=together, sinks=1, recent=4,
+                                                                   share=share)), ids, 8)
+        assert not torch.allclose(far[:, -1], full[:, -1], atol=1e-3)
+    # the bytes of the PoD layout: head 0 has layers 1, 2 without distant keys, head 1 layer 2
+    cache = CompressedCache(model, make_policy("interlayer", groups=together, sinks=1, recent=4))
+    run_chunks(model, cache, ids, 8)
+    want = storage_bytes([[[0, 1, 2]], [[0], [1, 2]]], 3, 40, 1, 4, head_dim=16, element_size=4)
+    assert cache.kv_bytes() == sum(layer.nbytes() for layer in cache.layers)  # physically every key is still held
+    assert sum(cache.policy.layer_bytes(layer) for layer in cache.layers) == want["kept"]
+    assert want["saved"] > 0.2
+
+
+def test_interlayer_bad_inputs(tmp_path):
+    from kvcascade import make_policy
+    from kvcascade.cache import CompressedCache
+
+    with pytest.raises(KVCascadeError, match="needs groups=FILE"):
+        make_policy("interlayer")
+    with pytest.raises(KVCascadeError, match="does not exist"):
+        make_policy("interlayer", groups="/no/groups.json")
+    model = tiny_model("qwen2", layers=3)
+    g = _groups(model, tmp_path, [[[0, 1, 2]], [[0, 1, 2]]], sim=0.6)
+    with pytest.raises(KVCascadeError, match="delta must be in"):
+        make_policy("interlayer", groups=g, delta=1.5)
+    with pytest.raises(KVCascadeError, match="share must be"):
+        make_policy("interlayer", groups=g, share="values")
+    with pytest.raises(KVCascadeError, match="calibrated for tiny"):
+        CompressedCache(tiny_model("llama", layers=2), make_policy("interlayer", groups=g))
+    assert make_policy("interlayer", groups=g, delta=0.7)._info["groups"] == [[[0], [1], [2]]] * 2
+    assert make_policy("interlayer", groups=g)._info["groups"] == [[[0, 1, 2]]] * 2  # the file's own grouping
+
+
+def test_interlayer_in_an_eval_grid(tiny_model_dir, tmp_path):
+    import kvcascade
+    from kvcascade.eval.runner import Grid, run_grid
+
+    model, tok = kvcascade.load_model(str(tiny_model_dir), progress=False)
+    L = model.config.num_hidden_layers
+    g = _groups(model, tmp_path, [[list(range(L))]] * model.config.num_key_value_heads)
+    grid = Grid(tasks=["passkey"], policies=["full", f"interlayer:groups={g}:recent=16"], budgets=[40],
+                lengths=[96], samples=2, chunk_size=32)
+    rows = run_grid(model, tok, grid, tmp_path / "ev", model_name="tiny", progress=False, report=False)
+    il = [r for r in rows if r["policy"].startswith("interlayer")]
+    assert len(il) == 2 and all(r["budget"] is None and not r.get("error") for r in il)
+    full = {r["sample"]: r for r in rows if r["policy"] == "full"}
+    assert all(r["kv_bytes_peak"] < full[r["sample"]]["kv_bytes_peak"] for r in il)  # the PoD layout's bytes

@@ -170,6 +170,8 @@ def test_max_tokens_bounds_what_a_generation_holds(name, budget, length, chunk, 
     """The bound a server reserves per request is never below what the cache actually held."""
     from kvcascade.engine import Session
 
+    if name == "interlayer":
+        return  # keeps every token, like full (bounded by the prompt plus the new tokens): tested in test_interlayer
     policy = make_policy("full") if name == "full" else policy_for(name, budget)
     ids = torch.randint(0, 96, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 

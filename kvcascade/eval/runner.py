@@ -39,6 +39,7 @@ import torch
 
 from ..errors import KVCascadeError
 from ..policies import make_policy, parse_policy_spec
+from ..policies.base import takes_budget
 from .tasks import DEPTH_TASKS, RULER, make_sample, parse_task_spec, score
 
 RESULTS = "results.jsonl"
@@ -100,9 +101,9 @@ class Grid:
             raise KVCascadeError("no policy given")
         for p in self.policies:
             name, args = parse_policy_spec(p)
-            for b in ([None] if name == "full" else self.budgets):
+            for b in (self.budgets if takes_budget(name) else [None]):
                 make_policy(name, b, **args)  # unknown policy, bad budget or option: fails here, before any work
-        if any(n != "full" for n, _ in map(parse_policy_spec, self.policies)) and not self.budgets:
+        if any(takes_budget(n) for n, _ in map(parse_policy_spec, self.policies)) and not self.budgets:
             raise KVCascadeError("--budgets is needed for policies other than full")
         if self.samples < 1:
             raise KVCascadeError(f"samples must be >= 1, got {self.samples}")
@@ -125,9 +126,9 @@ class Grid:
             for length in self.lengths:
                 for pol in self.policies:
                     pname, _ = parse_policy_spec(pol)
-                    if pname == "full" and self.full_max and length > self.full_max:
+                    if not takes_budget(pname) and self.full_max and length > self.full_max:
                         continue
-                    for budget in ([None] if pname == "full" else self.budgets):
+                    for budget in (self.budgets if takes_budget(pname) else [None]):
                         if name == "ppl":
                             yield task, pol, budget, length, None, 0
                             continue

@@ -65,7 +65,7 @@ class Policy:
         if "budget" in self.PARAMS and (not isinstance(budget, int) or budget <= 0):
             raise KVCascadeError(f"policy '{self.name}': budget must be a positive number of tokens, got {budget!r}")
         sinks = getattr(self, "sinks", None)
-        if sinks is not None and (sinks < 0 or sinks >= budget):
+        if sinks is not None and budget is not None and (sinks < 0 or sinks >= budget):
             raise KVCascadeError(f"policy '{self.name}': budget ({budget}) must be larger than sinks ({sinks})")
 
     def setup(self, cache) -> None:
@@ -90,6 +90,14 @@ class Policy:
     def layer_cap(self, cache, layer) -> int | None:
         """Tokens ``layer`` may hold per KV head after this policy's step, now (default: :meth:`layer_budget`)."""
         return self.layer_budget(layer.idx, cache.num_layers)
+
+    def attention(self, cache, layer, query, k_all, v_all, *, q_orig, k_orig, scaling, softcap):
+        """A policy's own attention for ``layer`` (``(out, mass, obs)``), or None for the standard kernels."""
+        return None
+
+    def layer_bytes(self, layer) -> int:
+        """K/V bytes ``layer`` holds in this policy's storage layout (default: what its tensors take)."""
+        return layer.nbytes()
 
     def query_weights(self, n_queries: int, device):
         """Per-query weights of ``stats.mass`` (None: a plain sum over the chunk's queries)."""
@@ -182,6 +190,11 @@ def make_policy(policy: str | Policy = "streaming", budget: int | None = None, /
             raise KVCascadeError(f"policy '{policy}' takes no budget")
         params["budget"] = budget
     return cls(**params)
+
+
+def takes_budget(name: str) -> bool:
+    """Whether the registered policy ``name`` has a token budget (``full`` and ``interlayer`` keep everything)."""
+    return name in REGISTRY and "budget" in REGISTRY[name].PARAMS
 
 
 def parse_policy_spec(spec: str) -> tuple[str, dict]:

@@ -50,10 +50,11 @@ class Server:
                  policy_args: dict | None = None, chunk_size: int = 512, max_prompt_tokens: int = 32768,
                  max_new_tokens: int = 1024, kv_limit_bytes: int = 8 << 30, queue_timeout_s: float = 30.0, log=None):
         from ..policies import make_policy
+        from ..policies.base import takes_budget
 
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
         self.default = (policy, budget, dict(policy_args or {}))
-        make_policy(policy, None if policy == "full" else budget, **self.default[2])  # validates the defaults
+        make_policy(policy, budget if takes_budget(policy) else None, **self.default[2])  # validates the defaults
         self.chunk_size, self.max_prompt_tokens, self.max_new_tokens = chunk_size, max_prompt_tokens, max_new_tokens
         self.created = int(time.time())
         self.scheduler = Scheduler(model, tokenizer, kv_limit_bytes, queue_timeout_s, log=log)
@@ -62,6 +63,7 @@ class Server:
     # -- request parsing ------------------------------------------------------------------------------------
     def _policy(self, body: dict):
         from ..policies import make_policy
+        from ..policies.base import takes_budget
 
         extra = body.get("kvcascade")
         name, budget, args = self.default
@@ -85,7 +87,7 @@ class Server:
                     raise RequestError("kvcascade.policy_args must be an object", param="kvcascade.policy_args")
                 args = {**args, **extra["policy_args"]}
         try:
-            return make_policy(name, None if name == "full" else budget, **args)
+            return make_policy(name, budget if takes_budget(name) else None, **args)
         except KVCascadeError as e:
             raise RequestError(str(e), param="kvcascade") from None
 

@@ -1,0 +1,121 @@
+"""Inter-layer attention sharing, training-free (ours, after PoD: Ma et al., "Compressing KV Cache for
+Long-Context LLM Inference with Inter-Layer Attention Similarity", arXiv 2412.02252; spec
+``shared/docs/interlayer.md``).
+
+Every token is kept (no eviction, original positions, like ``full``). Layers are grouped per KV head into blocks
+of consecutive layers that attend alike (``kvcascade calibrate interlayer``). The block's lowest layer (its base)
+attends as usual; every other layer of the block uses its own keys for *proximal* tokens (the first ``sinks``
+and the newest ``recent``) and, for *distant* tokens, the base's attention scores (``share=scores``: v1, the
+paper's first version and the default) or the base's keys with its own queries (``share=keys``: v2), always with
+its own values, in one exact softmax (:func:`kvcascade.interlayer.attention.shared_attention`).
+
+Storage: in this layout a non-base layer needs no keys for distant tokens, so the KV bytes reported
+(``kv_bytes_peak``) are those of the PoD layout, computed exactly per KV head: base heads keep K and V for
+every token, the others V for every token and K for the proximal ones. **Physically the cache still holds every
+key** until per-head storage lands (issue 13's preallocated storage); the memory figure is the method's, not
+this implementation's. The paper adapts the model to the sharing with billions of tokens of post-training; this
+is the version without it, which is expected to lose some quality: measure it.
+
+Defaults and their sources: ``sinks=16``, ``recent=4080`` (the paper's 16 + 4080 proximal tokens);
+``delta=-1`` keeps the groups file's own threshold (calibration default 0.5, the paper's).
+"""
+
+from __future__ import annotations
+
+from ..errors import KVCascadeError
+from .base import Policy, register
+
+
+@register
+class Interlayer(Policy):
+    """Full cache; distant tokens scored through the block's base layer (PoD without post-training, ours)."""
+
+    name = "interlayer"
+    PARAMS = {"groups": "", "sinks": 16, "recent": 4080, "share": "scores", "delta": -1.0}
+    DOCS = {"groups": "groups file from kvcascade calibrate interlayer (required)",
+            "sinks": "first tokens that stay proximal (paper: 16)",
+            "recent": "newest tokens, the query's own included, that stay proximal (paper: 4080)",
+            "share": "scores (v1, default: the base layer's q.k for distant tokens) or keys (v2: own q, base k)",
+            "delta": "regroup the file's calibration at this threshold (-1: the file's own grouping)"}
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.groups:
+            raise KVCascadeError("policy 'interlayer' needs groups=FILE (make one with: kvcascade calibrate "
+                                 "interlayer --model NAME --out groups.json)")
+        if self.share not in ("scores", "keys"):
+            raise KVCascadeError(f"policy 'interlayer': share must be scores or keys, got '{self.share}'")
+        if self.sinks < 0 or self.recent < 1:
+            raise KVCascadeError(f"policy 'interlayer': sinks must be >= 0 and recent >= 1 (got {self.sinks}, "
+                                 f"{self.recent})")
+        if self.delta != -1.0 and not 0.0 <= self.delta <= 1.0:
+            raise KVCascadeError(f"policy 'interlayer': delta must be in [0, 1] (or -1), got {self.delta}")
+        from ..interlayer.calibrate import load_groups, regroup
+
+        info = load_groups(self.groups)
+        self._info = regroup(info, self.delta) if self.delta != -1.0 else info
+
+    def setup(self, cache) -> None:
+        from ..interlayer.calibrate import load_groups
+
+        load_groups(self.groups, cache._model)  # one clear error for another model's groups
+        if any(layer.is_sliding for layer in cache.layers):
+            raise KVCascadeError("policy 'interlayer' does not apply to models with sliding-window layers (Gemma3's "
+                                 "global layers are never adjacent)")
+        # base_of[layer][kv_head] = the base layer of its block (itself for a base)
+        L = cache.num_layers
+        base_of = [[i] * len(self._info["groups"]) for i in range(L)]
+        for h, blocks in enumerate(self._info["groups"]):
+            for block in blocks:
+                for layer in block:
+                    base_of[layer][h] = block[0]
+        cache.aux["interlayer"] = {"base_of": base_of, "queries": {}}
+
+    def teardown(self, cache) -> None:
+        cache.aux.pop("interlayer", None)
+
+    def attention(self, cache, layer, query, k_all, v_all, *, q_orig, k_orig, scaling, softcap):
+        from ..interlayer.attention import shared_attention
+        from ..kernels import attention_with_scores
+
+        state = cache.aux["interlayer"]
+        i = layer.idx
+        bases = state["base_of"][i]
+        H = k_all.shape[1]
+        g = query.shape[1] // H
+        if self.share == "scores" and any(state["base_of"][j][h] == i for j in range(i + 1, cache.num_layers)
+                                          for h in range(H)):
+            state["queries"][i] = query  # a later layer of its block scores distant tokens with these
+        out, _, _ = attention_with_scores(query, k_all, v_all, scaling=scaling, softcap=softcap, q_orig=q_orig,
+                                          k_orig=k_orig, need_mass=False)
+        for h, base in enumerate(bases):
+            if base == i:
+                continue
+            k_base = cache.layers[base].keys[:, h:h + 1]  # the base appended this chunk already (lower layer)
+            qs = slice(h * g, (h + 1) * g)
+            q_base = state["queries"][base][:, qs] if self.share == "scores" else None
+            out[:, qs] = shared_attention(query[:, qs], k_all[:, h:h + 1], v_all[:, h:h + 1], scaling=scaling,
+                                          q_pos=q_orig, k_pos=k_orig[0, 0], n_sink=self.sinks,
+                                          n_recent=self.recent, k_base=k_base, q_base=q_base, share=self.share)
+        if i == cache.num_layers - 1:
+            state["queries"].clear()
+        return out, None, None
+
+    def layer_bytes(self, layer) -> int:
+        if layer.keys is None:
+            return 0
+        B, H, N, D = layer.keys.shape
+        per = B * D * layer.keys.element_size()
+        prox = min(N, self.sinks + self.recent)
+        bases = self._base_row(layer.idx)
+        keys = sum(N if base == layer.idx else prox for base in bases) * per
+        return keys + H * N * per
+
+    def _base_row(self, i: int) -> list[int]:
+        row = []
+        for blocks in self._info["groups"]:
+            row.append(next(b[0] for b in blocks if i in b))
+        return row
+
+    def step(self, cache, layer, stats) -> None:
+        return None
