@@ -519,8 +519,29 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _show_warnings_as_ours() -> None:
+    """kvcascade's own warnings print as one line ``kvcascade: warning: ...``; others as Python prints them."""
+    import warnings
+
+    from .engine import PastWindowWarning
+
+    default = warnings.showwarning
+    if getattr(default, "_kvcascade", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PastWindowWarning):
+            print(f"kvcascade: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show._kvcascade = True
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_warnings_as_ours()
     try:
         return args.func(args)
     except KVCascadeError as e:

@@ -170,3 +170,20 @@ def test_model_folder_without_weights(tiny_model_dir, tmp_path, capsys):
 def test_policies_says_what_happens_on_sliding_window_layers(capsys):
     code, out, _ = run(["policies"], capsys)
     assert code == 0 and "sliding-window layers" in out and "window - 1 tokens" in out
+
+
+def test_past_window_warning_is_one_line(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    import kvcascade.engine
+
+    d = tmp_path / "short-window"
+    shutil.copytree(tiny_model_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["max_position_embeddings"] = 16
+    (d / "config.json").write_text(json.dumps(cfg))
+    kvcascade.engine._WARNED.clear()
+    code, _, err = run(["generate", "--model", str(d), "--policy", "h2o", "--budget", "8", "--chunk-size", "8",
+                        "--prompt", " ".join(["w1"] * 40), "--max-new-tokens", "1", "--quiet"], capsys)
+    lines = [line for line in err.splitlines() if "warning" in line]
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("kvcascade: warning: policy 'h2o'"), err
