@@ -239,3 +239,20 @@ def test_unknown_model_without_heads_names_the_training_command(tiny_model_dir, 
     assert main(["generate", "--model", str(tiny_model_dir), "--policy", "locret", "--prompt", "w1 w2", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvcascade: error:") and "kvcascade train locret" in err and err.count("\n") == 1
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_model_dir):
+    """The example order comes from the step, so stopping and resuming trains the same heads."""
+    import kvcascade
+    from kvcascade.locret.train import train
+
+    model, tok = kvcascade.load_model(str(tiny_model_dir), progress=False)
+    kw = dict(model_name="tiny", steps=12, width=16, examples=6, kinds=("needles",), min_prefix=256, max_prefix=280,
+              held_out=2, progress=False, checkpoint_every=3)
+    train(model, tok, tmp_path / "a.safetensors", **kw)
+    train(model, tok, tmp_path / "b.safetensors", time_limit_s=0.0, **kw)
+    train(model, tok, tmp_path / "b.safetensors", **kw)
+    a = RetainingHeads.load(tmp_path / "a.safetensors")
+    b = RetainingHeads.load(tmp_path / "b.safetensors")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(x, y)

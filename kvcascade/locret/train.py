@@ -301,12 +301,15 @@ def train(model, tokenizer, out: str | Path, *, model_name: str = "", steps: int
     tap = ProjectionTap(model, heads.layers)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
 
+    def labels_for(ex, layers):
+        P = min(ex["prefix"], max_prefix)  # the official recipe truncates the prefix (and its labels)
+        ids = torch.tensor([ex["ids"][:P] + ex["ids"][ex["prefix"]:]], device=device)
+        return labels_and_features(model, tap, ids, P, layers)
+
     def held_out_overlap(h):
         vals = []
         for ex in held[:held_out]:
-            ids = torch.tensor([ex["ids"][: ex["prefix"]][:max_prefix] + ex["ids"][ex["prefix"]:]], device=device)
-            P = min(ex["prefix"], max_prefix)
-            labels, feats = labels_and_features(model, tap, ids, P, h.layers)
+            labels, feats = labels_for(ex, h.layers)
             with autocast:
                 vals.append(topk_overlap(h, feats, labels))
         return sum(vals) / max(1, len(vals))
@@ -314,18 +317,19 @@ def train(model, tokenizer, out: str | Path, *, model_name: str = "", steps: int
     from ..progress import progress_bar
 
     bar = progress_bar(total=steps, initial=start, desc="locret train", unit="step", enabled=progress)
-    rng = random.Random(seed + 1)
-    order = list(range(len(train_set)))
+    def epoch_order(epoch: int) -> list[int]:  # derived from the step, so a resumed run sees the same order
+        order = list(range(len(train_set)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
     step = start
     stopped = False
+    order = epoch_order(step // len(train_set))
     try:
         while step < steps:
-            if step % len(order) == 0:
-                rng.shuffle(order)
-            ex = train_set[order[step % len(order)]]
-            P = min(ex["prefix"], max_prefix)  # the official recipe truncates the prefix (and its labels)
-            ids = torch.tensor([ex["ids"][:P] + ex["ids"][ex["prefix"]:]], device=device)
-            labels, feats = labels_and_features(model, tap, ids, P, heads.layers)
+            if step % len(train_set) == 0:
+                order = epoch_order(step // len(train_set))
+            labels, feats = labels_for(train_set[order[step % len(train_set)]], heads.layers)
             with autocast:
                 loss, parts = loss_fn(heads, feats, labels)
             opt.zero_grad(set_to_none=True)
