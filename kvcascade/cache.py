@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache
 
 from .errors import KVCascadeError
 from .kernels import attention_with_scores
-from .models import check_architecture
+from .models import check_architecture, text_config
 
 ATTN_IMPLEMENTATION = "kvcascade"
 _pending = threading.local()
@@ -159,11 +159,6 @@ class _Rotary:
         return self.module(like, positions)
 
 
-def _text_config(model):
-    """The language model's config (a multimodal Gemma3 config nests it as ``text_config``)."""
-    return getattr(model.config, "text_config", None) or model.config
-
-
 def _layer_windows(config) -> list[int | None]:
     n = config.num_hidden_layers
     types = getattr(config, "layer_types", None)
@@ -178,8 +173,8 @@ def _layer_windows(config) -> list[int | None]:
 _install_lock = threading.Lock()
 
 
-def install(model) -> str | None:
-    """Register the ``kvcascade`` attention function and make ``model`` use it; return the implementation it had.
+def install(model) -> None:
+    """Register the ``kvcascade`` attention function and make ``model`` use it.
 
     Counted per model: several caches may be in use on one model at once (a server interleaving requests), and
     the model gets its own implementation back only when the last of them is released (:func:`restore`)."""
@@ -194,15 +189,14 @@ def install(model) -> str | None:
         model._kvcascade_users = users + 1
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        return model._kvcascade_previous_attn
 
 
-def restore(model, previous: str | None = None) -> None:
+def restore(model) -> None:
     """One user of ``model`` is done: with none left, give it back the implementation :func:`install` found."""
     with _install_lock:
         users = max(0, getattr(model, "_kvcascade_users", 1) - 1)
         model._kvcascade_users = users
-        previous = getattr(model, "_kvcascade_previous_attn", previous)
+        previous = getattr(model, "_kvcascade_previous_attn", None)
         if users == 0 and previous and previous != ATTN_IMPLEMENTATION and \
                 model.config._attn_implementation == ATTN_IMPLEMENTATION:
             model.set_attn_implementation(previous)
@@ -222,12 +216,12 @@ class CompressedCache(Cache):
     is_compileable = False
 
     def __init__(self, model, policy):
-        config = _text_config(model)
+        config = text_config(model.config)
         check_architecture(config)
         super().__init__(layers=[])
         self.model_config = model.config
         self._model = model
-        self._previous_attn = install(model)
+        install(model)
         self.config = config
         self.policy = policy
         self.rotary = _Rotary(model)
@@ -260,7 +254,7 @@ class CompressedCache(Cache):
         """Give the model back the attention implementation it had before this cache switched it."""
         if self._model is not None:
             self.policy.teardown(self)
-            restore(self._model, self._previous_attn)
+            restore(self._model)
             self._model = None
 
     def __enter__(self):

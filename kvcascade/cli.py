@@ -29,6 +29,15 @@ def _parse_policy_args(items: list[str] | None) -> dict:
     return out
 
 
+def _default_budget_policy(args, policy_args: dict):
+    """The policy of a command whose ``--budget`` has a default (demo, serve): it applies to policies with a
+    budget; ``full`` and ``interlayer`` keep everything."""
+    from .policies import make_policy
+    from .policies.base import takes_budget
+
+    return make_policy(args.policy, args.budget if takes_budget(args.policy) else None, **policy_args)
+
+
 def _read_file(path: str, what: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -83,12 +92,8 @@ def cmd_demo(args) -> int:
     """The main job: a long passkey prompt under a compressed cache, compared with what a full cache holds."""
     from .engine import generate
     from .eval import make_passkey, score_passkey
-    from .policies import make_policy
 
-    from .policies.base import takes_budget
-
-    policy = make_policy(args.policy, args.budget if takes_budget(args.policy) else None,
-                         **_parse_policy_args(args.policy_arg))
+    policy = _default_budget_policy(args, _parse_policy_args(args.policy_arg))
     model, tok = _load(args)
     s = make_passkey(tok, args.length, args.depth, seed=args.seed)
     print(f"prompt: {s.tokens:,} tokens of filler, pass key {s.answer} hidden at depth {s.depth:.0%} "
@@ -190,10 +195,10 @@ def _model_window(name: str) -> int | None:
     try:
         from transformers import AutoConfig
 
-        from .models import MODELS, converted_dir
+        from .models import MODELS, converted_dir, model_window
 
         cfg = AutoConfig.from_pretrained(str(converted_dir(name) if name in MODELS else name))
-        return getattr(cfg.get_text_config(), "max_position_embeddings", None)
+        return model_window(cfg)
     except Exception:  # noqa: BLE001 - only decides which rows count as expected
         return None
 
@@ -271,12 +276,9 @@ def cmd_train(args) -> int:
 
 def cmd_calibrate(args) -> int:
     """``kvcascade calibrate interlayer``: layer similarity per KV head and greedy groups, to a JSON file."""
-    import math
+    from .interlayer.calibrate import calibrate, check_delta, load_groups, regroup, save_groups
 
-    from .interlayer.calibrate import calibrate, load_groups, regroup, save_groups
-
-    if not (0.0 <= args.delta <= 1.0) or math.isnan(args.delta):
-        raise KVCascadeError(f"--delta must be in [0, 1], got {args.delta}")
+    check_delta(args.delta, "--delta")
     if args.regroup:
         info = regroup(load_groups(args.regroup), args.delta)
     else:
@@ -294,11 +296,8 @@ def cmd_calibrate(args) -> int:
 
 def cmd_serve(args) -> int:
     """``kvcascade serve``: the OpenAI-compatible server (see kvcascade.serve)."""
-    from .policies import make_policy
-    from .policies.base import takes_budget
-
     policy_args = _parse_policy_args(args.policy_arg)
-    make_policy(args.policy, args.budget if takes_budget(args.policy) else None, **policy_args)  # before loading
+    _default_budget_policy(args, policy_args)  # bad policy settings: one line before the model loads
     for name, value, low in (("--port", args.port, 0), ("--max-prompt-tokens", args.max_prompt_tokens, 1),
                              ("--max-new-tokens", args.max_new_tokens, 1), ("--chunk-size", args.chunk_size, 1)):
         if value < low:

@@ -112,7 +112,9 @@ def chunk_bounds(n: int, chunk_size: int, last_min: int = 0, tail: int = 0) -> l
 
 def _warn_past_window(model, policy: Policy, tokens: int) -> None:
     """Warn (once per policy and window in a process) when original positions run past the model's window."""
-    window = getattr(getattr(model.config, "get_text_config", lambda: model.config)(), "max_position_embeddings", None)
+    from .models import model_window
+
+    window = model_window(model.config)
     if policy.position_mode != "original" or not window or tokens <= window:
         return
     key = (policy.name, window)
@@ -291,12 +293,16 @@ class Session:
             self.logits = out.logits[0, -1]
             return False
 
+    def _cut_at_stop(self) -> bool:
+        """End the text before the earliest stop string in it; True if there was one."""
+        hits = [at for at in (self.text.find(s) for s in self.stop) if at >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+        return bool(hits)
+
     def _check_stop(self) -> bool:
-        for s in self.stop:
-            at = self.text.find(s)
-            if at >= 0:
-                self.text = self.text[:at]
-                return self._finish("stop", flushed=True)
+        if self._cut_at_stop():
+            return self._finish("stop", flushed=True)
         # hand over what can no longer turn into a stop string
         hold = max((len(s) - 1 for s in self.stop), default=0)
         safe = len(self.text)
@@ -314,10 +320,8 @@ class Session:
     def _finish(self, reason: str, flushed: bool = False) -> bool:
         if not flushed:
             self.text += self.stream.finish()
-            for s in self.stop:  # the flushed tail may complete a stop string
-                at = self.text.find(s)
-                if at >= 0:
-                    self.text, reason = self.text[:at], "stop"
+            if self._cut_at_stop():  # the flushed tail may complete a stop string
+                reason = "stop"
         self._emit(len(self.text))
         _sync(self.device)
         self.t2 = time.perf_counter()

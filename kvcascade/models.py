@@ -339,7 +339,13 @@ def list_models() -> list[dict]:
 
 # -- shapes ---------------------------------------------------------------------------------------------------
 def text_config(config):
+    """The language model's config (a multimodal Gemma3 config nests it as ``text_config``)."""
     return getattr(config, "text_config", None) or config
+
+
+def model_window(config) -> int | None:
+    """The trained context window (``max_position_embeddings``), or None where the config has none."""
+    return getattr(text_config(config), "max_position_embeddings", None)
 
 
 def head_dim(cfg) -> int:

@@ -236,16 +236,15 @@ def _plots(out: Path, rows: list[dict]) -> list[str]:
 
 def write_report(out_dir, rows: list[dict] | None = None) -> list[str]:
     """Write ``summary.md`` and the plots into ``out_dir``; return the file names written."""
-    from .runner import read_rows
+    from .runner import read_rows, unique_rows
 
     out = Path(out_dir)
     if rows is None:
         if not out.is_dir():
             raise KVCascadeError(f"'{out}' is not a folder")
         rows = read_rows(out, unique=True)
-    else:  # one row per grid key, as read_rows(unique=True) gives
-        rows = list({(r.get("task"), r.get("policy"), r.get("budget"), r.get("length"), r.get("depth"),
-                      r.get("sample")): r for r in sorted(rows, key=lambda r: not r.get("error"))}.values())
+    else:
+        rows = unique_rows(rows, out / "results.jsonl")
     if not rows:
         raise KVCascadeError(f"no results in '{out}' (expected {out}/results.jsonl from kvcascade eval)")
     check_rows(rows, out / "results.jsonl")

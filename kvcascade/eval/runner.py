@@ -170,14 +170,17 @@ def read_rows(out_dir, unique: bool = False) -> list[dict]:
             print(f"kvcascade: warning: {path}:{n} is not a row object; ignored", file=sys.stderr)
             continue
         rows.append(row)
-    if not unique:
-        return rows
+    return unique_rows(rows, path) if unique else rows
+
+
+def unique_rows(rows: list[dict], where="results") -> list[dict]:
+    """One row per grid key, in first-seen order: the last finished one, else the last failure."""
     best: dict = {}
     for r in rows:
         try:
             k = row_key(r)
         except KeyError as e:
-            raise KVCascadeError(f"{path}: a row lacks the field {e}; not a kvcascade eval folder") from None
+            raise KVCascadeError(f"{where}: a row lacks the field {e}; not a kvcascade eval row") from None
         if k not in best or is_ok(r) or not is_ok(best[k]):
             best[k] = r
     return list(best.values())
@@ -387,8 +390,9 @@ def run_grid(model, tokenizer, grid: Grid, out_dir, model_name: str = "", prose:
     """
     grid.validate()
     if grid.full_max is None:
-        grid.full_max = getattr(getattr(model.config, "get_text_config", lambda: model.config)(),
-                                "max_position_embeddings", None)
+        from ..models import model_window
+
+        grid.full_max = model_window(model.config)
     out = make_out_dir(out_dir)
     settings = grid_settings(grid, model_name, model.dtype, prose, ppl_text)
     lock = folder_lock(out) if shard is None else contextlib.nullcontext()

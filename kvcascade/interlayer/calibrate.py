@@ -56,10 +56,15 @@ def similarity_from_attention(probs: list[torch.Tensor], n_kv: int) -> torch.Ten
     return sim
 
 
+def check_delta(delta: float, name: str = "delta") -> None:
+    """A grouping threshold is a similarity: in [0, 1] (NaN refused)."""
+    if not 0.0 <= delta <= 1.0:
+        raise KVCascadeError(f"{name} must be in [0, 1], got {delta}")
+
+
 def group_layers(sim: torch.Tensor, delta: float) -> list[list[list[int]]]:
     """Per KV head, consecutive-layer blocks (each a list of layers, the base first), greedy from the bottom."""
-    if not 0.0 <= delta <= 1.0 or delta != delta:
-        raise KVCascadeError(f"delta must be in [0, 1], got {delta}")
+    check_delta(delta)
     groups = []
     n_kv, L, _ = sim.shape
     for h in range(n_kv):
@@ -101,8 +106,9 @@ def attention_of_last_queries(model, ids: torch.Tensor, queries: int) -> list[to
     """Per layer, the attention ``[Hq, queries, T]`` of the last ``queries`` positions of ``ids`` ``[1, T]``."""
     probs = observe(model, ids, CAPTURE_ATTENTION, _capture_attention,
                     {"queries": min(queries, ids.shape[1]), "probs": {}})["probs"]
-    n = model.config.get_text_config().num_hidden_layers if hasattr(model.config, "get_text_config") \
-        else model.config.num_hidden_layers
+    from ..models import text_config
+
+    n = text_config(model.config).num_hidden_layers
     if len(probs) != n:
         raise KVCascadeError("the model's attention did not go through the calibration function in every layer")
     return [probs[i] for i in range(n)]
@@ -142,7 +148,7 @@ def calibrate(model, tokenizer, *, samples: int = 64, length: int = 8192, querie
 
     if samples < 1 or length < 16 or queries < 1:
         raise KVCascadeError(f"samples, length and queries must be positive (got {samples}, {length}, {queries})")
-    group_layers(torch.zeros(1, 1, 1), delta)  # validates delta before any work
+    check_delta(delta)  # before any work
     cfg = text_config(model.config)
     n_kv = cfg.num_key_value_heads
     total = None
@@ -168,10 +174,28 @@ def save_groups(info: dict, path) -> Path:
     return path
 
 
-def load_groups(path, model=None) -> dict:
-    """Read a groups file; with ``model``, refuse one calibrated on another architecture (one clear error)."""
+def check_groups(info: dict, model, where) -> None:
+    """Refuse groups calibrated on another architecture (one clear error)."""
     from ..models import fingerprint
 
+    if info.get("fingerprint") != fingerprint(model.config):
+        raise KVCascadeError(f"inter-layer groups '{where}' were calibrated for {info.get('model') or 'another model'}, "
+                             "not this one; calibrate with: kvcascade calibrate interlayer --model NAME --out FILE")
+
+
+def base_layers(groups: list[list[list[int]]]) -> list[list[int]]:
+    """``[layer][kv_head]``: the base (lowest) layer of the block holding that layer for that head."""
+    n_layers = 1 + max(layer for blocks in groups for block in blocks for layer in block)
+    base_of = [[i] * len(groups) for i in range(n_layers)]
+    for h, blocks in enumerate(groups):
+        for block in blocks:
+            for layer in block:
+                base_of[layer][h] = block[0]
+    return base_of
+
+
+def load_groups(path, model=None) -> dict:
+    """Read a groups file; with ``model``, refuse one calibrated on another architecture (one clear error)."""
     try:
         info = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -181,9 +205,8 @@ def load_groups(path, model=None) -> dict:
         raise KVCascadeError(f"cannot read inter-layer groups '{path}': {e}") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise KVCascadeError(f"'{path}' is not a kvcascade inter-layer groups file")
-    if model is not None and info.get("fingerprint") != fingerprint(model.config):
-        raise KVCascadeError(f"inter-layer groups '{path}' were calibrated for {info.get('model') or 'another model'}, "
-                             "not this one; calibrate with: kvcascade calibrate interlayer --model NAME --out FILE")
+    if model is not None:
+        check_groups(info, model, path)
     return info
 
 

@@ -121,7 +121,7 @@ class RetainingHeads(nn.Module):
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
-                header = json.loads((f.metadata() or {}).get("kvcascade", "null"))
+                header = _header_of(f)
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except FileNotFoundError:
             raise KVCascadeError(f"Locret heads file '{path}' does not exist") from None
@@ -187,6 +187,18 @@ class ProjectionTap:
         self.clear()
 
 
+def _header_of(f) -> dict | None:
+    return json.loads((f.metadata() or {}).get("kvcascade", "null"))
+
+
+def read_header(path) -> dict | None:
+    """A heads file's kvcascade header (model, fingerprint, layers, width, meta) without its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return _header_of(f)
+
+
 # -- shipped heads ------------------------------------------------------------------------------------------
 SHIPPED_DIR = Path(__file__).resolve().parent / "heads"
 
@@ -207,14 +219,11 @@ def model_name_of(model) -> str | None:
 def find_shipped(model) -> Path | None:
     """The shipped heads file made for ``model``: same shapes, and the same registered model where the model was
     loaded by a kvcascade short name (another model of the same shapes gets none)."""
-    from safetensors import safe_open
-
     fp = fingerprint(model.config)
     name = model_name_of(model)
     for path in sorted(SHIPPED_DIR.glob("*.safetensors")):
         try:
-            with safe_open(str(path), framework="pt") as f:
-                header = json.loads((f.metadata() or {}).get("kvcascade", "null"))
+            header = read_header(path)
         except Exception:  # noqa: BLE001 - a broken shipped file is skipped here, reported when named
             continue
         if isinstance(header, dict) and header.get("fingerprint") == fp and \

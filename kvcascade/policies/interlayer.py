@@ -50,26 +50,20 @@ class Interlayer(Policy):
                                  f"{self.recent})")
         if self.delta != -1.0 and not 0.0 <= self.delta <= 1.0:
             raise KVCascadeError(f"policy 'interlayer': delta must be in [0, 1] (or -1), got {self.delta}")
-        from ..interlayer.calibrate import load_groups, regroup
+        from ..interlayer.calibrate import base_layers, load_groups, regroup
 
         info = load_groups(self.groups)
         self._info = regroup(info, self.delta) if self.delta != -1.0 else info
+        self._base_of = base_layers(self._info["groups"])  # [layer][kv head]
 
     def setup(self, cache) -> None:
-        from ..interlayer.calibrate import load_groups
+        from ..interlayer.calibrate import check_groups
 
-        load_groups(self.groups, cache._model)  # one clear error for another model's groups
+        check_groups(self._info, cache._model, self.groups)  # one clear error for another model's groups
         if any(layer.is_sliding for layer in cache.layers):
             raise KVCascadeError("policy 'interlayer' does not apply to models with sliding-window layers (Gemma3's "
                                  "global layers are never adjacent)")
-        # base_of[layer][kv_head] = the base layer of its block (itself for a base)
-        L = cache.num_layers
-        base_of = [[i] * len(self._info["groups"]) for i in range(L)]
-        for h, blocks in enumerate(self._info["groups"]):
-            for block in blocks:
-                for layer in block:
-                    base_of[layer][h] = block[0]
-        cache.aux["interlayer"] = {"base_of": base_of, "queries": {}}
+        cache.aux["interlayer"] = {"queries": {}}
 
     def teardown(self, cache) -> None:
         cache.aux.pop("interlayer", None)
@@ -80,10 +74,10 @@ class Interlayer(Policy):
 
         state = cache.aux["interlayer"]
         i = layer.idx
-        bases = state["base_of"][i]
+        bases = self._base_of[i]
         H = k_all.shape[1]
         g = query.shape[1] // H
-        if self.share == "scores" and any(state["base_of"][j][h] == i for j in range(i + 1, cache.num_layers)
+        if self.share == "scores" and any(self._base_of[j][h] == i for j in range(i + 1, cache.num_layers)
                                           for h in range(H)):
             state["queries"][i] = query  # a later layer of its block scores distant tokens with these
         out, _, _ = attention_with_scores(query, k_all, v_all, scaling=scaling, softcap=softcap, q_orig=q_orig,
@@ -107,15 +101,8 @@ class Interlayer(Policy):
         B, H, N, D = layer.keys.shape
         per = B * D * layer.keys.element_size()
         prox = min(N, self.sinks + self.recent)
-        bases = self._base_row(layer.idx)
-        keys = sum(N if base == layer.idx else prox for base in bases) * per
+        keys = sum(N if base == layer.idx else prox for base in self._base_of[layer.idx]) * per
         return keys + H * N * per
-
-    def _base_row(self, i: int) -> list[int]:
-        row = []
-        for blocks in self._info["groups"]:
-            row.append(next(b[0] for b in blocks if i in b))
-        return row
 
     def step(self, cache, layer, stats) -> None:
         return None

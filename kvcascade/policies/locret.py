@@ -82,13 +82,13 @@ class Locret(Policy):
 
     # -- heads ------------------------------------------------------------------------------------------------
     def _heads_for(self, model):
-        from ..locret.heads import RetainingHeads, find_shipped
+        from ..locret.heads import RetainingHeads, find_shipped, read_header
 
         key = (self.heads, id(model), str(model.device))
         if key not in self._loaded:
             if self.heads == "random":
                 shipped = find_shipped(model)
-                width = RetainingHeads.load(shipped).width if shipped else 256
+                width = read_header(shipped)["width"] if shipped else 256
                 heads = RetainingHeads.for_model(model, width=width, model_name="random", seed=0)
             elif self.heads == "auto":
                 path = find_shipped(model)

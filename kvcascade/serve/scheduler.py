@@ -27,12 +27,12 @@ from ..errors import KVCascadeError
 
 def kv_bytes_per_token(model) -> list[tuple[int, int | None]]:
     """Per layer: (K+V bytes per token, sliding window or None)."""
-    from ..cache import _layer_windows, _text_config
+    from ..cache import _layer_windows
+    from ..models import head_dim, text_config
 
-    cfg = _text_config(model)
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cfg = text_config(model.config)
     size = next(model.parameters()).element_size()
-    per = 2 * cfg.num_key_value_heads * d * size
+    per = 2 * cfg.num_key_value_heads * head_dim(cfg) * size
     return [(per, w) for w in _layer_windows(cfg)]
 
 
@@ -157,8 +157,9 @@ class Scheduler:
                     return
                 self._admit()
                 batch = list(self.active)
-            if not batch:
-                time.sleep(0.01)  # only waiting requests: their wait is timed in _admit
+            if not batch:  # only waiting requests: wake on a new request, or to time their wait in _admit
+                with self.cond:
+                    self.cond.wait(timeout=0.05)
                 continue
             for job in batch:
                 if job.cancelled.is_set():
