@@ -70,21 +70,101 @@ class AttnStats:
     final_chunk: bool  # last chunk of the prompt (SnapKV compresses here)
 
 
+class _Extra:
+    """A layer's extra per-token tensors, stored in the layer's preallocated buffers: ``extra[name] = t`` writes
+    ``t`` into the buffer in place (so a captured CUDA graph keeps reading the same memory)."""
+
+    def __init__(self, layer):
+        self._layer = layer
+
+    def __getitem__(self, name):
+        return self._layer._extra[name][:, :, :self._layer.n]
+
+    def get(self, name, default=None):
+        return self[name] if name in self._layer._extra else default
+
+    def __contains__(self, name):
+        return name in self._layer._extra
+
+    def __iter__(self):
+        return iter(self._layer._extra)
+
+    def __len__(self):
+        return len(self._layer._extra)
+
+    def items(self):
+        return [(k, self[k]) for k in self._layer._extra]
+
+    def keys(self):
+        return list(self._layer._extra)
+
+    def values(self):
+        return [self[k] for k in self._layer._extra]
+
+    def __setitem__(self, name, t):
+        layer = self._layer
+        if name not in layer._extra:
+            buf = torch.zeros(*layer._k.shape[:2], layer.capacity, dtype=t.dtype, device=t.device)
+            layer._extra[name] = buf
+        layer._write(layer._extra[name], t)
+
+
 class LayerCache:
-    """Per-layer storage; see the module docstring for the layout."""
+    """Per-layer storage; see the module docstring for the layout.
+
+    Preallocated: ``keys``, ``values``, ``pos``, ``score`` and ``extra`` are views of the first ``n`` slots of
+    buffers of ``capacity`` slots, written in place (a chunk is copied in after the kept tokens; compaction gathers
+    the kept tokens to the front). Nothing is concatenated per token, and the memory a step touches stays at the
+    same addresses, which is what lets a decode step run as a captured CUDA graph. Capacity comes from
+    :meth:`reserve` (the engine reserves what the policy can hold at most) and grows by half when exceeded.
+    """
 
     def __init__(self, idx: int, window: int | None):
         self.idx = idx
         self.window = window  # sliding-window size for sliding layers, else None
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-        self.pos: torch.Tensor | None = None
-        self.score: torch.Tensor | None = None
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None
+        self._score: torch.Tensor | None = None
+        self._extra: dict[str, torch.Tensor] = {}
+        self.extra = _Extra(self)  # more per-token tensors [B, H, N] a policy keeps (zero on arrival)
+        self.n = 0  # tokens held
+        self.capacity = 0
+        self._reserve = 0  # slots to allocate at the first append (see reserve)
         self.state: dict = {}
-        self.extra: dict[str, torch.Tensor] = {}  # more per-token float tensors [B, H, N] a policy keeps (zero on arrival)
         self.seen = 0  # tokens this layer has received so far
         self.peak_tokens = 0
         self.peak_bytes = 0
+
+    # -- views -------------------------------------------------------------------------------------------
+    def _view(self, buf):
+        return None if buf is None else buf[:, :, :self.n]
+
+    @property
+    def keys(self):
+        return self._view(self._k)
+
+    @property
+    def values(self):
+        return self._view(self._v)
+
+    @property
+    def pos(self):
+        return self._view(self._pos)
+
+    @property
+    def score(self):
+        return self._view(self._score)
+
+    @score.setter
+    def score(self, t):  # `layer.score += x` lands here with the view itself; anything else is copied in
+        self._write(self._score, t)
+
+    def _write(self, buf, t) -> None:
+        view = buf[:, :, :self.n]
+        if t.data_ptr() == view.data_ptr() and t.shape == view.shape and t.stride() == view.stride():
+            return
+        view.copy_(t.expand_as(view) if t.shape != view.shape else t)
 
     # -- sizes -------------------------------------------------------------------------------------------
     @property
@@ -92,53 +172,83 @@ class LayerCache:
         return self.window is not None
 
     def __len__(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return self.n
 
     def nbytes(self) -> int:
-        if self.keys is None:
+        """K/V bytes of the tokens held (what the policy keeps; :meth:`allocated_bytes` is what is reserved)."""
+        if self._k is None:
             return 0
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return 2 * self.n * self._k.shape[0] * self._k.shape[1] * self._k.shape[3] * self._k.element_size()
 
-    # -- edits -------------------------------------------------------------------------------------------
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Add a chunk (un-rotated keys) at the end; positions continue from ``seen``."""
-        B, H, C, _ = k.shape
-        pos = torch.arange(self.seen, self.seen + C, device=k.device).view(1, 1, C).expand(B, H, C)
-        score = torch.zeros(B, H, C, device=k.device, dtype=torch.float32)
-        if self.keys is None:
-            self.keys, self.values, self.pos, self.score = k, v, pos.contiguous(), score
-        else:
-            self.keys = torch.cat([self.keys, k], dim=2)
-            self.values = torch.cat([self.values, v], dim=2)
-            self.pos = torch.cat([self.pos, pos], dim=2)
-            self.score = torch.cat([self.score, score], dim=2)
-            for name, t in self.extra.items():
-                self.extra[name] = torch.cat([t, torch.zeros_like(score, dtype=t.dtype)], dim=2)
+    def allocated_bytes(self) -> int:
+        if self._k is None:
+            return 0
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
+    # -- storage -----------------------------------------------------------------------------------------
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` slots (allocated at the first append when nothing is stored yet)."""
+        if self._k is None:
+            self._reserve = max(self._reserve, int(tokens))
+        elif tokens > self.capacity:
+            self._grow(int(tokens))
+
+    def _grow(self, cap: int) -> None:
+        def bigger(buf):
+            new = buf.new_zeros(*buf.shape[:2], cap, *buf.shape[3:])
+            new[:, :, :self.n] = buf[:, :, :self.n]
+            return new
+
+        self._k, self._v, self._pos, self._score = (bigger(b) for b in (self._k, self._v, self._pos, self._score))
+        self._extra = {name: bigger(b) for name, b in self._extra.items()}
+        self.capacity = cap
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None = None) -> None:
+        """Add a chunk (keys as the cache stores them) after the held tokens; ``pos`` ``[C]``: its original positions
+        (default: continuing from ``seen``)."""
+        B, H, C, D = k.shape
+        need = self.n + C
+        if self._k is None:
+            cap = max(need, self._reserve)
+            self._k = k.new_zeros(B, H, cap, D)
+            self._v = v.new_zeros(B, H, cap, v.shape[-1])
+            self._pos = torch.zeros(B, H, cap, dtype=torch.long, device=k.device)
+            self._score = torch.zeros(B, H, cap, dtype=torch.float32, device=k.device)
+            self.capacity = cap
+        elif need > self.capacity:
+            self._grow(max(need, self.capacity + self.capacity // 2))
+        n = self.n
+        if pos is None:
+            pos = torch.arange(self.seen, self.seen + C, device=k.device)
+        self._k[:, :, n:need] = k
+        self._v[:, :, n:need] = v
+        self._pos[:, :, n:need] = pos.view(1, 1, C)
+        self._score[:, :, n:need] = 0
+        for buf in self._extra.values():
+            buf[:, :, n:need] = 0
+        self.n = need
         self.seen += C
 
     def compact(self, idx: torch.Tensor) -> None:
-        """Keep the tokens at ``idx`` (``[B, H, K]`` or ``[K]``, increasing along the last axis)."""
-        if self.keys is None:
+        """Keep the tokens at ``idx`` (``[B, H, K]`` or ``[K]``, increasing along the last axis), in place."""
+        if self._k is None:
             return
         B, H, N, D = self.keys.shape
+        K = idx.shape[-1]
+        bufs = [self._k, self._v, self._pos, self._score, *self._extra.values()]
         if idx.dim() == 1:
-            self.keys = self.keys[:, :, idx]
-            self.values = self.values[:, :, idx]
-            self.pos = self.pos[:, :, idx]
-            self.score = self.score[:, :, idx]
-            self.extra = {name: t[:, :, idx] for name, t in self.extra.items()}
-            return
-        idx = idx.expand(B, H, idx.shape[-1])
-        idx4 = idx.unsqueeze(-1).expand(B, H, idx.shape[-1], D)
-        self.keys = torch.gather(self.keys, 2, idx4)
-        self.values = torch.gather(self.values, 2, idx4)
-        self.pos = torch.gather(self.pos, 2, idx)
-        self.score = torch.gather(self.score, 2, idx)
-        self.extra = {name: torch.gather(t, 2, idx) for name, t in self.extra.items()}
+            kept = [buf[:, :, :N][:, :, idx] for buf in bufs]
+        else:
+            idx = idx.expand(B, H, K)
+            idx4 = idx.unsqueeze(-1).expand(B, H, K, D)
+            kept = [torch.gather(buf[:, :, :N], 2, idx4 if buf.dim() == 4 else idx) for buf in bufs]
+        for buf, t in zip(bufs, kept):
+            buf[:, :, :K] = t
+        self.n = K
 
     def keep_last(self, n: int) -> None:
         if len(self) > n:
-            self.compact(torch.arange(len(self) - n, len(self), device=self.keys.device))
+            self.compact(torch.arange(len(self) - n, len(self), device=self._k.device))
 
 
 class _Rotary:
@@ -234,7 +344,9 @@ class CompressedCache(Cache):
         self.final_chunk = True  # the engine clears it for all but the last prompt chunk
         self.remaining: int | None = None  # prompt tokens after the current chunk (set by the engine; None: unknown)
         self.aux: dict = {}  # what a policy's setup attaches to this cache (hooks, heads)
-        self._last_ids = None  # (position ids tensor, its first position) from next_position_ids
+        self._last_ids = None  # (position ids tensor, its first position, original positions) from next_position_ids
+        self._seen_dev = None  # original position of the next token, on the device (see next_position_ids)
+        self._seen_host = 0  # what the host expects _seen_dev to hold
         policy.setup(self)
         if policy.position_mode == "cache" and not all(
             policy.layer_budget(i, self.num_layers) == policy.layer_budget(0, self.num_layers)
@@ -326,10 +438,36 @@ class CompressedCache(Cache):
         return self._reference_layer().seen
 
     def next_position_ids(self, n: int, device=None) -> torch.Tensor:
+        """Position ids ``[1, n]`` of the next ``n`` tokens as the policy numbers them; also sets their original
+        positions for :meth:`attend`. Original positions come from a counter kept on the device (advanced here,
+        in place), so a decode step captured as a CUDA graph numbers every replay's token right."""
         start = self.get_seq_length()
-        ids = torch.arange(start, start + n, device=device).unsqueeze(0)
-        self._last_ids = (ids, start)  # attend() reads the first position from here: no device-to-host copy
+        seen = self.seen_tokens
+        with torch.inference_mode():  # the counter is an inference tensor, so it is only ever touched under it
+            self.sync_position_counter(device)
+            orig = self._seen_dev + torch.arange(n, device=device)
+            self._seen_dev.add_(n)
+        self._seen_host = seen + n
+        ids = orig.unsqueeze(0) if self.policy.position_mode == "original" else \
+            torch.arange(start, start + n, device=device).unsqueeze(0)
+        self._last_ids = (ids, start, orig)  # attend() reads the first position from here: no device-to-host copy
         return ids
+
+    def sync_position_counter(self, device=None) -> None:
+        """Make the device's position counter hold the number of tokens seen (set anew if anything changed it)."""
+        seen = self.seen_tokens
+        dev = torch.device(device or "cpu")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if self._seen_dev is None or self._seen_dev.device != dev or self._seen_host != seen:
+            with torch.inference_mode():
+                self._seen_dev = torch.full((), seen, dtype=torch.long, device=dev)
+            self._seen_host = seen
+
+    def reserve(self, tokens: int, chunk: int = 0) -> None:
+        """Preallocate every layer for ``tokens`` tokens (sliding layers: at most their window + ``chunk``)."""
+        for layer in self.layers:
+            layer.reserve(min(tokens, layer.window - 1 + chunk) if layer.is_sliding else tokens)
 
     # -- memory accounting --------------------------------------------------------------------------------
     def kv_tokens(self) -> int:
@@ -346,40 +484,48 @@ class CompressedCache(Cache):
         return sum(layer.peak_bytes for layer in self.layers)
 
     # -- the attention step -------------------------------------------------------------------------------
-    def _key_positions(self, layer: LayerCache, q_pos0: int, n_cached: int, device) -> torch.Tensor:
-        """Rotation positions ``[B, H, n_cached]`` of the cached keys, relative to the first query position."""
+    def _key_positions(self, layer: LayerCache, q_pos0: int, orig0, C: int, device) -> torch.Tensor:
+        """Rotation positions ``[B, H, N]`` of the layer's stored keys (the chunk's ``C`` last), given the first
+        query's position ``q_pos0`` and its original position ``orig0`` (a device scalar: no host copy)."""
         if self.policy.position_mode == "cache" and not layer.is_sliding:
-            pos = torch.arange(q_pos0 - n_cached, q_pos0, device=device).view(1, 1, -1)
+            n = len(layer)
+            pos = torch.arange(q_pos0 - (n - C), q_pos0 + C, device=device).view(1, 1, -1)
             return pos.expand(layer.pos.shape[0], layer.pos.shape[1], -1)
-        return q_pos0 - (layer.seen - layer.pos)
+        return layer.pos + (q_pos0 - orig0)
 
     def attend(self, layer_idx: int, query, key_new, value_new, *, scaling, softcap=None, position_ids=None):
         layer = self.layers[layer_idx]
+        if layer._k is not None and layer._k.is_inference() and not torch.is_inference_mode_enabled():
+            with torch.inference_mode():  # buffers made under inference mode are only written under it
+                out = self._attend(layer, query, key_new, value_new, scaling, softcap, position_ids)
+            return out.clone()  # a normal tensor again, for a caller outside inference mode
+        return self._attend(layer, query, key_new, value_new, scaling, softcap, position_ids)
+
+    def _attend(self, layer, query, key_new, value_new, scaling, softcap, position_ids):
+        layer_idx = layer.idx
         B, H, C, D = key_new.shape
         if position_ids is None:
             position_ids = self.next_position_ids(C, device=query.device)
+        last = self._last_ids
+        mine = last is not None and last[0] is position_ids and last[2].shape[0] == C
+        orig = last[2] if mine else torch.arange(layer.seen, layer.seen + C, device=query.device)
         n_cached = len(layer)
         if self.keys_rotated:  # original positions: keys keep the rotation they arrived with
-            k_store, k_cached = key_new, layer.keys
-        else:
+            layer.append(key_new, value_new, orig)
+            k_all = layer.keys
+        else:  # stored un-rotated; all keys rotated at their current positions, the chunk's as it came
             q_pos = position_ids[0].to(query.device)
             cos, sin = self.rotary(layer_idx, q_pos.view(1, -1), key_new)
-            k_store = unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1))
+            layer.append(unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1)), value_new, orig)
             if n_cached:
-                last = self._last_ids
-                q0 = last[1] if last is not None and last[0] is position_ids else int(q_pos[0])
-                rot_pos = self._key_positions(layer, q0, n_cached, query.device)
+                q0 = last[1] if mine else int(q_pos[0])
+                rot_pos = self._key_positions(layer, q0, orig[0], C, query.device)
                 cos_c, sin_c = self.rotary(layer_idx, rot_pos.reshape(B, -1), key_new)
-                k_cached = apply_rope(layer.keys, cos_c.view(B, H, n_cached, D), sin_c.view(B, H, n_cached, D))
-        if n_cached:
-            k_all = torch.cat([k_cached, key_new], dim=2)
-            v_all = torch.cat([layer.values, value_new], dim=2)
-            k_orig = torch.cat([layer.pos, torch.arange(layer.seen, layer.seen + C, device=query.device)
-                                .view(1, 1, C).expand(B, H, C)], dim=2)
-        else:
-            k_all, v_all = key_new, value_new
-            k_orig = torch.arange(layer.seen, layer.seen + C, device=query.device).view(1, 1, C).expand(B, H, C)
-        q_orig = torch.arange(layer.seen, layer.seen + C, device=query.device)
+                k_all = apply_rope(layer.keys, cos_c.view(B, H, -1, D), sin_c.view(B, H, -1, D))
+                k_all[:, :, n_cached:] = key_new
+            else:
+                k_all = key_new
+        v_all, k_orig, q_orig = layer.values, layer.pos, orig
         policy = self.policy
         custom = policy.attention(self, layer, query, k_all, v_all, q_orig=q_orig, k_orig=k_orig, scaling=scaling,
                                   softcap=softcap)
@@ -391,7 +537,6 @@ class CompressedCache(Cache):
                 window=layer.window, obs_window=policy.obs_window, need_mass=policy.needs_mass,
                 q_weights=policy.query_weights(C, query.device) if policy.needs_mass else None,
             )
-        layer.append(k_store, value_new)
         layer.peak_tokens = max(layer.peak_tokens, len(layer))
         layer.peak_bytes = max(layer.peak_bytes, policy.layer_bytes(layer))
         phase = self.phase or ("prefill" if C > 1 else "decode")

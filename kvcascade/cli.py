@@ -243,6 +243,12 @@ def cmd_bench(args) -> int:
         bench.bench_chunk_kernel(out=out, **({"T_cache": lengths} if lengths else {}))
     elif args.what == "decode":
         bench.bench_decode(out=out, **({"sizes": lengths} if lengths else {}))
+    elif args.what == "generate":
+        kw = {"lengths": lengths} if lengths else {}
+        if args.policies:
+            kw["policies"] = args.policies.split(",")
+        bench.bench_generate(args.model, budget=args.budget, new_tokens=args.new_tokens, chunk_size=args.chunk_size,
+                             out=out, **kw)
     else:
         bench.bench_e2e(args.model, length=lengths[0] if lengths else 1048576, budget=args.budget,
                         policy=args.policy, chunk_size=args.chunk_size,
@@ -440,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dir")
     r.set_defaults(func=cmd_report)
 
-    bn = sub.add_parser("bench", help="GPU speed benchmarks: attention, kernel, decode, e2e (table + JSON)")
-    bn.add_argument("what", choices=["attention", "kernel", "decode", "e2e"])
+    bn = sub.add_parser("bench", help="GPU speed benchmarks: attention, kernel, decode, e2e, generate (table + JSON)")
+    bn.add_argument("what", choices=["attention", "kernel", "decode", "e2e", "generate"])
     bn.add_argument("--lengths", default=None, help="attention: T; kernel: cache sizes; decode: cache sizes; "
                     "e2e: prompt length")
     bn.add_argument("--caches", default=None, help="attention: cache sizes of our strided prefill (default 8k,64k)")
@@ -449,7 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--methods", default=None, help="attention: cudnn,flash,flex,cascade,streaming")
     bn.add_argument("--model", default=None, help="e2e: model (default: the default model)")
     bn.add_argument("--policy", default="cascade", help="e2e: policy spec")
-    bn.add_argument("--budget", type=int, default=8192, help="e2e: budget")
+    bn.add_argument("--policies", default=None, help="generate: policy specs (default: full, streaming, h2o, tova, "
+                    "snapkv, locret, cascade)")
+    bn.add_argument("--new-tokens", type=int, default=256, help="generate: tokens decoded per run")
+    bn.add_argument("--budget", type=int, default=8192, help="e2e, generate: budget")
     bn.add_argument("--chunk-size", type=int, default=4096, help="e2e: prefill stride")
     bn.add_argument("--full-lengths", default="32k", help="e2e: prompt lengths for the full cache")
     bn.add_argument("--out", default=None, help="JSON file for the rows")

@@ -17,6 +17,7 @@ import torch
 
 from .cache import CompressedCache
 from .errors import KVCascadeError
+from .graphs import DecodeGraphs
 from .policies import Policy, make_policy
 
 
@@ -36,6 +37,7 @@ class GenerationResult:
     policy: str
     params: dict = field(default_factory=dict)
     finish_reason: str = ""  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
+    decode_graph_steps: int = 0  # decode steps replayed as a CUDA graph (see kvcascade.graphs)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -248,6 +250,9 @@ class Session:
             self.gen.manual_seed(0 if seed is None else seed)
         self.eos = _eos_ids(model, tokenizer) if stop_on_eos else set()
         self.cache = CompressedCache(model, policy)
+        # preallocate what the policy can hold at most: the cache's buffers are written in place from here on
+        self.cache.reserve(policy.max_tokens(len(ids), max_new_tokens, chunk_size, self.cache.num_layers), chunk_size)
+        self.graphs = DecodeGraphs(self.cache, model)  # decode steps replayed as CUDA graphs where they repeat
         self._prefill = iter_prefill(model, self.cache, ids, chunk_size, progress=progress)
         self.logits = None
         self.new: list[int] = []
@@ -289,8 +294,7 @@ class Session:
                 return True
             if len(self.new) >= self.max_new_tokens:
                 return self._finish("length")
-            out = self.cache.forward(self.model, torch.tensor([[tok]], device=self.device), logits_to_keep=1)
-            self.logits = out.logits[0, -1]
+            self.logits = self.graphs.step(tok)
             return False
 
     def _cut_at_stop(self) -> bool:
@@ -347,6 +351,7 @@ class Session:
             policy=self.policy.name,
             params=self.policy.params(),
             finish_reason=self.finish_reason or "",
+            decode_graph_steps=self.graphs.replays,
         )
 
     def close(self) -> None:

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (see docs/results/README.md). Assumes the GGUF pieces were copied to ~/m/
-# (one piece per call, from .models/, made with: split -b 55M -d -a 2 <gguf> .models/q.part) and the gguf
+# (one piece per call, from .models42/, made with: split -b 42M -d -a 2 <gguf> .models42/q.part, so that a
+# piece and the working tree fit one call) and the gguf
 # wheel is carried in .whl/. Outputs go to $OUT. Usage: bash scripts/gpu_session.sh MODE, MODE one of
 #   setup          assemble + convert the default model
 #   check          GPU kernel tests, host-sync check, kernel + decode benchmarks (short table last)
 #   attention      bench attention (T = ${LENGTHS:-32k,128k,512k,1m})
 #   e2e            bench e2e (1M-token prompt, cascade budget 8K; full cache at 32K)
+#   interlayer     calibrate inter-layer groups (regrouped at 0.3/0.7 too), then KJV-NT perplexity at 32K, passkey and
+#                  niah_single on prose at 8K/32K for full and interlayer (delta x proximal window); into $OUT/interlayer
+#   serve          scripts/serve_load.py: $REQUESTS concurrent $PROMPT-token prompts, $POLICIES vs full
 #   eval TASKS     kvcascade eval TASKS with $POLICIES $BUDGETS $LENGTHS $SAMPLES $CHUNK $WORKERS $HAYSTACK $DEPTHS
 #                  into ~/ev/$NAME (resumable), results.jsonl + summary.md copied to $OUT/$NAME
 set -euo pipefail
@@ -17,7 +21,7 @@ KV="python3 -m kvcascade.cli"
 case "$1" in
   setup)
     mkdir -p "$KVCASCADE_HOME/gguf"
-    cat ~/m/q.part0* > "$KVCASCADE_HOME/gguf/qwen2.5-coder-0.5b-instruct.gguf"
+    cat ~/m/q.part* > "$KVCASCADE_HOME/gguf/qwen2.5-coder-0.5b-instruct.gguf"
     sha256sum "$KVCASCADE_HOME/gguf/qwen2.5-coder-0.5b-instruct.gguf"
     python3 -c "import kvcascade; print(kvcascade.prepare('qwen2.5-coder-0.5b', progress=False))" ;;
   check)
@@ -26,6 +30,29 @@ case "$1" in
     python3 scripts/sync_check.py || true
     $KV bench kernel --out "$OUT/bench_kernel.json" 2>/dev/null
     $KV bench decode --out "$OUT/bench_decode.json" 2>/dev/null ;;
+  interlayer)
+    D=$OUT/interlayer; mkdir -p $D ~/ev
+    G=~/ev/groups.json
+    [ -f $G ] || $KV calibrate interlayer --device cuda --quiet --samples "${SAMPLES:-64}" --out $G 2>&1 | tail -3
+    cp $G $D/groups-0.5.json
+    for d in 0.3 0.7; do $KV calibrate interlayer --regroup $G --delta $d --out $D/groups-$d.json 2>&1 | tail -1; done
+    python3 -c "
+import json,sys
+for d in ('0.3','0.5','0.7'):
+    g=json.load(open('$D/groups-'+d+'.json'))['groups']
+    print('delta',d,'blocks per KV head',[len(b) for b in g])"
+    P=full
+    for d in 0.3 0.5 0.7; do for r in 1008 4080; do P="$P,interlayer:groups=$D/groups-$d.json:recent=$r"; done; done
+    timeout ${TLIM1:-300} $KV eval ppl --device cuda --quiet --text kjv:nt --policies "$P" --lengths 32k --chunk-size 1024 \
+      --out ~/ev/il_ppl 2>&1 | tail -14 || true
+    cp ~/ev/il_ppl/results.jsonl $D/ppl_results.jsonl 2>/dev/null || true
+    P2="full,interlayer:groups=$D/groups-0.5.json:recent=1008,interlayer:groups=$D/groups-0.3.json:recent=1008"
+    timeout ${TLIM2:-240} $KV eval passkey,niah_single:haystack=prose --device cuda --quiet --haystack-file kjv:nt \
+      --policies "$P2" --lengths 8k,32k --samples ${NSAMP:-10} --chunk-size 1024 --workers 8 --out ~/ev/il_needle 2>&1 | tail -20 || true
+    cp ~/ev/il_needle/results.jsonl $D/needle_results.jsonl 2>/dev/null || true ;;
+  serve)
+    python3 scripts/serve_load.py --device cuda --requests "${REQUESTS:-32}" --prompt-tokens "${PROMPT:-32000}" \
+      --max-tokens "${NEW:-32}" --policies "${POLICIES:-locret,full}" --budget "${BUDGET:-4096}" --out "$OUT/serve_load.json" ;;
   attention)
     $KV bench attention --lengths "${LENGTHS:-32k,128k,512k,1m}" ${METHODS:+--methods $METHODS} --out "$OUT/bench_attention.json" ;;
   e2e)

@@ -347,3 +347,84 @@ def bench_e2e(model_name=None, length: int = 1048576, budget: int = 8192, policy
                        "passkey_found"], f"bench e2e ({meta['device']}, {model_name})")
     write_json(rows, out, meta)
     return rows
+
+
+# ------------------------------------------------------------------------------------------- decode speed
+def _stock_decode(model, ids: torch.Tensor, new_tokens: int, cache_implementation: str | None) -> dict:
+    """Stock ``model.generate`` (greedy, exactly ``new_tokens``), timed per step by a logits processor that
+    synchronises and reads the clock (generate checks its stopping criteria on the host every step anyway): decode
+    tokens/s over the steps after the first. One warm-up run first (which also compiles, where transformers does)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Clock(LogitsProcessor):
+        def __init__(self):
+            self.t = []
+
+        def __call__(self, input_ids, scores):
+            torch.cuda.synchronize()
+            self.t.append(time.perf_counter())
+            return scores
+
+    kw = {"do_sample": False, "pad_token_id": 0, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    if cache_implementation:
+        kw["cache_implementation"] = cache_implementation
+    t = time.perf_counter()
+    model.generate(ids, **kw)
+    warm = time.perf_counter() - t
+    clock = Clock()
+    t = time.perf_counter()
+    model.generate(ids, logits_processor=LogitsProcessorList([clock]), **kw)
+    return {"decode_tok_s": (len(clock.t) - 1) / (clock.t[-1] - clock.t[0]), "prefill_s": clock.t[0] - t,
+            "warmup_s": warm}
+
+
+def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "streaming", "h2o", "tova", "snapkv",
+                   "locret", "cascade"), budget: int = 2048, new_tokens: int = 256, chunk_size: int = 4096,
+                   peers=("static", "dynamic"), out=None) -> list[dict]:
+    """Decode speed after a prompt of each length: stock ``generate`` (static cache, as transformers runs it, and
+    dynamic cache) as the peer, then ours per policy with and without CUDA graphs; same model, same run."""
+    _need_cuda()
+    import os
+
+    from ..engine import generate
+    from ..models import DEFAULT_MODEL, load_model
+    from ..policies import parse_policy_spec
+    from ..texts import kjv_part
+
+    model_name = model_name or DEFAULT_MODEL
+    model, tok = load_model(model_name, device="cuda", progress=False)
+    text_ids = tok(kjv_part("nt")[:max(lengths) * 6]).input_ids
+    rows = []
+    for L in lengths:
+        ids = text_ids[:L]
+        for peer in peers:
+            try:
+                r = _stock_decode(model, torch.tensor([ids], device="cuda"), new_tokens, peer)
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
+                rows.append({"T": L, "method": f"transformers generate, {peer} cache", "error": f"{type(e).__name__}: {e}"[:200]})
+                continue
+            rows.append({"T": L, "method": f"transformers generate, {peer} cache", "decode_tok_s": r["decode_tok_s"],
+                         "prefill_s": r["prefill_s"], "note": f"first run {r['warmup_s']:.1f} s"})
+            print(f"{L} {peer}: {r['decode_tok_s']:.0f} tok/s", file=sys.stderr, flush=True)
+        for spec in policies:
+            name, pargs = parse_policy_spec(spec)
+            b = None if name in ("full", "interlayer") else budget
+            for graphs in ("0", "1"):
+                os.environ["KVCASCADE_CUDA_GRAPHS"] = graphs
+                for warm in (True, False):  # a short warm-up run compiles every kernel first
+                    r = generate(model, tok, ids[:L if not warm else min(L, 2 * chunk_size)], policy=name, budget=b,
+                                 policy_args=pargs, max_new_tokens=new_tokens if not warm else 8,
+                                 chunk_size=chunk_size, stop_on_eos=False)
+                rows.append({"T": L, "method": f"kvcascade {spec}" + (f" budget {b}" if b else "") +
+                             (", CUDA graphs" if graphs == "1" else ", eager"),
+                             "decode_tok_s": r.new_tokens / r.decode_s, "prefill_s": r.prefill_s,
+                             "kv_mib": r.kv_bytes_peak / 2**20,
+                             "note": f"{r.decode_graph_steps} of {r.new_tokens - 1} decode steps replayed" if graphs == "1" else ""})
+                print(f"{L} {spec} graphs={graphs}: {r.new_tokens / r.decode_s:.0f} tok/s", file=sys.stderr, flush=True)
+        os.environ.pop("KVCASCADE_CUDA_GRAPHS", None)
+    meta = {"device": device_name(), "model": model_name, "dtype": str(model.dtype), "new_tokens": new_tokens,
+            "text": "King James New Testament", "chunk": chunk_size}
+    print_table(rows, ["T", "method", "decode_tok_s", "prefill_s", "kv_mib", "note"],
+                f"bench generate ({meta['device']}, {model_name}, {new_tokens} new tokens)")
+    write_json(rows, out, meta)
+    return rows

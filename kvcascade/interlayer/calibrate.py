@@ -46,7 +46,7 @@ def similarity_from_attention(probs: list[torch.Tensor], n_kv: int) -> torch.Ten
     L = len(probs)
     Hq = probs[0].shape[0]
     g = Hq // n_kv
-    sim = torch.eye(L, dtype=torch.float64).repeat(n_kv, 1, 1)
+    sim = torch.eye(L, dtype=torch.float64, device=probs[0].device).repeat(n_kv, 1, 1)
     for a in range(L):
         for b in range(a + 1, L):
             d = jsd(probs[a], probs[b]).mean(-1)  # [Hq]: mean over query rows
@@ -155,7 +155,7 @@ def calibrate(model, tokenizer, *, samples: int = 64, length: int = 8192, querie
     bar = progress_bar(total=samples, desc="calibrate", unit="sample", enabled=progress)
     for ids in calibration_texts(tokenizer, samples, length, seed):
         probs = attention_of_last_queries(model, torch.tensor([ids], device=model.device), queries)
-        sim = similarity_from_attention([p.cpu() for p in probs], n_kv)
+        sim = similarity_from_attention(probs, n_kv).cpu()  # on the model's device: 276 JSDs per sample
         total = sim if total is None else total + sim
         bar.update(1)
     bar.close()

@@ -282,6 +282,11 @@ def _check(q, k, v):
     return B, Hq, C, D, H, N
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its last axis is contiguous (the kernels take the other strides), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _interpreting() -> bool:
     import os
 
@@ -301,7 +306,7 @@ def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, 
     """``(out [B, Hq, C, D], mass [B, H, N] fp32 or None, obs [B, H, N] fp32 or None)``; see the module doc."""
     B, Hq, C, D, H, N = _check(q, k, v)
     group = Hq // H
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _rows(q), _rows(k), _rows(v)  # strided views of the cache's buffers are read in place
     n_cached = N - C
     kp, has_window = _kpos(k_orig if window else None, B, H, N, q.device)
     qpos0 = int(q_orig[0]) if (window and q_orig is not None) else 0
@@ -359,7 +364,7 @@ def decode_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None,
     :func:`chunk_attention`."""
     B, Hq, C, D, H, N = _check(q, k, v)
     group = Hq // H
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _rows(q), _rows(k), _rows(v)  # strided views of the cache's buffers are read in place
     interp = _interpreting()
     dbn, dw, ds = config or DECODE_CONFIG.get(D, (64, 4, 3))
     BN = block_n or (16 if interp else dbn)

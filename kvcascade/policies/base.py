@@ -95,6 +95,16 @@ class Policy:
         """A policy's own attention for ``layer`` (``(out, mass, obs)``), or None for the standard kernels."""
         return None
 
+    #: whether a decode step of this policy may be replayed as a CUDA graph (see :mod:`kvcascade.graphs`): its
+    #: step must issue the same kernels whenever the layers hold the same token counts and host state, and copy
+    #: nothing from the host to the device
+    graph_safe: ClassVar[bool] = False
+
+    def graph_key(self, cache):
+        """What, beyond the layers' token counts and state, decides this policy's decode step on the host (a
+        hashable value), or None when the step cannot be replayed (see :mod:`kvcascade.graphs`)."""
+        return () if self.graph_safe else None
+
     def layer_bytes(self, layer) -> int:
         """K/V bytes ``layer`` holds in this policy's storage layout (default: what its tensors take)."""
         return layer.nbytes()

@@ -8,6 +8,7 @@ class Full(Policy):
     """Keep every token; original positions (the uncompressed baseline)."""
 
     name = "full"
+    graph_safe = True
 
     def step(self, cache, layer, stats) -> None:
         return None

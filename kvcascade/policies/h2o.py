@@ -15,6 +15,7 @@ class H2O(PositionsParam, Policy):
     """Heavy hitters (accumulated attention) + recent tokens, per KV head (H2O, arXiv 2306.14048)."""
 
     name = "h2o"
+    graph_safe = True
     PARAMS = {"budget": 2048, "recent_ratio": 0.5, "positions": "original"}
     DOCS = {"budget": "tokens kept per layer and KV head",
             "recent_ratio": "share of the budget reserved for the most recent tokens (paper: 0.5)",

@@ -41,6 +41,7 @@ class Locret(Policy):
     """Trained retaining heads score each unit on arrival; chunked prefill keeps the top `budget` (Locret, arXiv 2410.01805)."""
 
     name = "locret"
+    graph_safe = True
     position_mode = "cache"
     PARAMS = {"budget": 2048, "stabilizers": -1, "local": 100, "heads": "auto", "decode": "bounded",
               "decode_window": 512}

@@ -24,6 +24,7 @@ class SnapKV(Policy):
     """Observation-window attention, pooled, per-head top-k at the end of prefill (SnapKV, arXiv 2404.14469)."""
 
     name = "snapkv"
+    graph_safe = True
     PARAMS = {"budget": 2048, "window": 32, "kernel": 7, "pooling": "max", "chunked": False}
     DOCS = {"budget": "tokens kept per layer and KV head after prefill (window included)",
             "window": "observation window: last prompt tokens whose attention scores the prefix (paper: 32)",

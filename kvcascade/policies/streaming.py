@@ -14,6 +14,7 @@ class Streaming(Policy):
     """Attention sinks + recent window, in-cache positions (StreamingLLM, arXiv 2309.17453)."""
 
     name = "streaming"
+    graph_safe = True
     position_mode = "cache"
     PARAMS = {"budget": 2048, "sinks": 4}
     DOCS = {"budget": "tokens kept per layer and KV head (sinks included)",

@@ -14,6 +14,7 @@ class TOVA(PositionsParam, Policy):
     """Keep the tokens the newest query attends to most, averaged over heads (TOVA, arXiv 2401.06104)."""
 
     name = "tova"
+    graph_safe = True
     PARAMS = {"budget": 2048, "positions": "original"}
     DOCS = {"budget": "tokens kept per layer (all heads keep the same tokens)",
             "positions": PositionsParam.POSITIONS_DOC}

@@ -8,6 +8,7 @@ class Window(Policy):
     """Keep the most recent `budget` tokens; in-cache positions (Beltagy et al. 2020, local attention)."""
 
     name = "window"
+    graph_safe = True
     position_mode = "cache"
     PARAMS = {"budget": 2048}
     DOCS = {"budget": "tokens kept per layer and KV head"}

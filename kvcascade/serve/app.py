@@ -377,7 +377,15 @@ def build_app(server: Server):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.model_name, **server.scheduler.stats()}
+        info = {"status": "ok", "model": server.model_name, **server.scheduler.stats()}
+        device = getattr(server.model, "device", None)
+        if device is not None and device.type == "cuda":  # what the whole process holds on the GPU, at peak too
+            import torch
+
+            info["device"] = torch.cuda.get_device_name(device)
+            info["device_memory_bytes"] = torch.cuda.memory_allocated(device)
+            info["device_memory_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        return info
 
     @app.exception_handler(404)
     async def not_found(request, exc):

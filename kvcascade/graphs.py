@@ -1,0 +1,140 @@
+"""Decode steps replayed as captured CUDA graphs.
+
+Decoding a small model is launch-bound: one step issues thousands of small kernels (the model's and the
+policy's), and the host's time to launch them, not the GPU's to run them, sets the speed. A CUDA graph records
+one step's kernels once and replays them with one launch.
+
+A captured step is only valid while everything the host decided when recording it stays the same: every tensor
+shape, every index computed from a Python integer, every branch taken. So a graph is keyed by that host state:
+the policy's :meth:`~kvcascade.policies.Policy.graph_key` (``None``: this policy's decode step cannot be
+replayed now), every layer's token count, buffer address and capacity, and the policy's per-layer host state.
+In a policy's *steady state* (the cache at its budget: each token arrives and one leaves) the key repeats every
+step, and a step is replayed; while a cache grows (``full``, a prompt shorter than the budget, Locret's decode
+window filling) the key changes every step, and steps run eagerly as before. What changes every step on the
+device (the token, the original positions) lives in device memory that the graph reads (the input token buffer,
+:class:`~kvcascade.cache.CompressedCache`'s position counter); the cache's buffers are written in place
+(:class:`~kvcascade.cache.LayerCache`), so a replay reads and writes the same memory as the capture did.
+
+A key is captured the second time it is seen (the first run compiles every kernel eagerly), and a replay then
+sets the host state to what the capture left (token counts, policy state; ``seen`` advanced by the step). If a
+capture fails, the host state is restored, graphs are turned off for this generation with one warning, and the
+step runs eagerly: never a wrong token. ``KVCASCADE_CUDA_GRAPHS=0`` turns graphs off; CPU never uses them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+MAX_GRAPHS = 8  # per generation; a policy whose key cycles through more runs the rest eagerly
+
+
+def graphs_enabled(device) -> bool:
+    return torch.device(device).type == "cuda" and os.environ.get("KVCASCADE_CUDA_GRAPHS", "1") != "0"
+
+
+@dataclass
+class _Entry:
+    graph: object
+    logits: torch.Tensor
+    after: list  # per layer: (n, seen delta, peak_tokens, peak_bytes, state)
+    seen_delta: int
+
+
+class DecodeGraphs:
+    """One generation's decode steps: :meth:`step` returns the next-token logits for token ``tok``."""
+
+    def __init__(self, cache, model):
+        self.cache, self.model = cache, model
+        self.enabled = graphs_enabled(model.device)
+        self.graphs: dict = {}
+        self.last_key = None
+        self.tok = None
+        self.replays = self.captures = self.eager = 0
+
+    # -- host state ----------------------------------------------------------------------------------------
+    def _key(self):
+        cache = self.cache
+        pk = cache.policy.graph_key(cache)
+        if pk is None:
+            return None
+        layers = tuple((layer.n, layer.capacity, layer._k.data_ptr() if layer._k is not None else 0,
+                        tuple(layer._extra), repr(layer.state)) for layer in cache.layers)
+        dev = cache._seen_dev
+        return pk, layers, None if dev is None else dev.data_ptr()
+
+    def _snapshot(self) -> list:
+        return [(layer.n, layer.seen, layer.peak_tokens, layer.peak_bytes, copy.deepcopy(layer.state))
+                for layer in self.cache.layers]
+
+    def _restore(self, snap: list) -> None:
+        for layer, (n, seen, pt, pb, state) in zip(self.cache.layers, snap):
+            layer.n, layer.seen, layer.peak_tokens, layer.peak_bytes, layer.state = n, seen, pt, pb, state
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def _eager(self, tok: int) -> torch.Tensor:
+        self.eager += 1
+        out = self.cache.forward(self.model, torch.tensor([[tok]], device=self.model.device), logits_to_keep=1)
+        return out.logits[0, -1]
+
+    def step(self, tok: int) -> torch.Tensor:
+        """Decode one token: the logits ``[vocab]`` of the next."""
+        key = self._key() if self.enabled else None
+        if key is None:
+            return self._eager(tok)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if key != self.last_key or len(self.graphs) >= MAX_GRAPHS:
+                self.last_key = key
+                return self._eager(tok)
+            entry = self._capture(key, tok)
+            if entry is None:
+                return self._eager(tok)
+        else:
+            self.tok.fill_(tok)
+        entry.graph.replay()
+        self.replays += 1
+        for layer, (n, _, pt, pb, state) in zip(self.cache.layers, entry.after):
+            layer.n = n
+            layer.seen += entry.seen_delta
+            layer.peak_tokens, layer.peak_bytes = max(layer.peak_tokens, pt), max(layer.peak_bytes, pb)
+            layer.state = copy.deepcopy(state)
+        self.cache._seen_host += entry.seen_delta
+        self.last_key = key
+        return entry.logits[0, -1]
+
+    def _capture(self, key, tok: int):
+        from .cache import _pending
+
+        cache = self.cache
+        snap = self._snapshot()
+        seen_host = cache._seen_host
+        cache.sync_position_counter(self.model.device)  # as the capture will find it: nothing set anew inside
+        if self.tok is None:
+            self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.model.device)
+        self.tok.fill_(tok)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                out = cache.forward(self.model, self.tok, logits_to_keep=1)
+        except Exception as e:  # noqa: BLE001 - recorded kernels never ran: restore the host state, run eagerly
+            _pending.item = None
+            self._restore(snap)
+            cache._seen_host = seen_host
+            self.enabled = False
+            warnings.warn(f"kvcascade: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        after = self._snapshot()
+        delta = after[0][1] - snap[0][1]
+        self._restore(snap)  # replay() below runs the step; step() then applies `after`
+        cache._seen_host = seen_host
+        entry = _Entry(graph, out.logits, after, delta)
+        self.graphs[key] = entry
+        self.captures += 1
+        return entry
