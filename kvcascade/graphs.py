@@ -17,8 +17,11 @@ device (the token, the original positions) lives in device memory that the graph
 
 A key is captured the second time it is seen (the first run compiles every kernel eagerly), and a replay then
 sets the host state to what the capture left (token counts, policy state; ``seen`` advanced by the step). If a
-capture fails, the host state is restored, graphs are turned off for this generation with one warning, and the
-step runs eagerly: never a wrong token. ``KVCASCADE_CUDA_GRAPHS=0`` turns graphs off; CPU never uses them.
+capture fails, the host state is restored, graphs are turned off for the rest of the process with one warning
+(a failed capture can leave CUDA state behind: the default CUDA generator stays in capture mode, so later draws
+from it raise), and the step runs eagerly: never a wrong token. Policies opt in (``graph_safe``); models with
+sliding-window layers (Gemma3) decode eagerly for now, since the Triton kernels read the window's query position on
+the host. ``KVCASCADE_CUDA_GRAPHS=0`` turns graphs off; CPU never uses them.
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ from dataclasses import dataclass
 import torch
 
 MAX_GRAPHS = 8  # per generation; a policy whose key cycles through more runs the rest eagerly
+_FAILED = False  # a capture failed in this process: none is tried again (a broken capture can leave CUDA state
+#                  behind, e.g. the default generator still in capture mode), every step runs eagerly
 
 
 def graphs_enabled(device) -> bool:
-    return torch.device(device).type == "cuda" and os.environ.get("KVCASCADE_CUDA_GRAPHS", "1") != "0"
+    return (torch.device(device).type == "cuda" and os.environ.get("KVCASCADE_CUDA_GRAPHS", "1") != "0"
+            and not _FAILED)
 
 
 @dataclass
@@ -59,6 +65,8 @@ class DecodeGraphs:
     # -- host state ----------------------------------------------------------------------------------------
     def _key(self):
         cache = self.cache
+        if any(layer.is_sliding for layer in cache.layers):
+            return None  # the Triton kernels read a sliding window's query position on the host: no capture
         pk = cache.policy.graph_key(cache)
         if pk is None:
             return None
@@ -123,6 +131,8 @@ class DecodeGraphs:
             with torch.cuda.graph(graph):
                 out = cache.forward(self.model, self.tok, logits_to_keep=1)
         except Exception as e:  # noqa: BLE001 - recorded kernels never ran: restore the host state, run eagerly
+            global _FAILED
+            _FAILED = True
             _pending.item = None
             self._restore(snap)
             cache._seen_host = seen_host

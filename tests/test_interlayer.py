@@ -202,7 +202,7 @@ def test_interlayer_bad_inputs(tmp_path):
     from kvcascade.cache import CompressedCache
 
     with pytest.raises(KVCascadeError, match="needs groups=FILE"):
-        make_policy("interlayer")
+        make_policy("interlayer", groups="")
     with pytest.raises(KVCascadeError, match="does not exist"):
         make_policy("interlayer", groups="/no/groups.json")
     model = tiny_model("qwen2", layers=3)
@@ -231,3 +231,23 @@ def test_interlayer_in_an_eval_grid(tiny_model_dir, tmp_path):
     assert len(il) == 2 and all(r["budget"] is None and not r.get("error") for r in il)
     full = {r["sample"]: r for r in rows if r["policy"] == "full"}
     assert all(r["kv_bytes_peak"] < full[r["sample"]]["kv_bytes_peak"] for r in il)  # the PoD layout's bytes
+
+
+def test_shipped_groups_found_for_the_default_model_only():
+    import types
+
+    from transformers import Qwen2Config
+
+    from kvcascade import make_policy
+    from kvcascade.cache import CompressedCache
+    from kvcascade.interlayer.calibrate import find_shipped, load_groups
+
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                      num_attention_heads=14, num_key_value_heads=2)
+    path = find_shipped(types.SimpleNamespace(config=cfg))
+    assert path is not None and path.name == "qwen2.5-coder-0.5b.json"
+    info = load_groups(path)
+    assert len(info["groups"]) == 2 and sorted(sum(info["groups"][0], [])) == list(range(24))
+    assert find_shipped(tiny_model("qwen2", layers=2)) is None
+    with pytest.raises(KVCascadeError, match="no inter-layer groups ship"):
+        CompressedCache(tiny_model("qwen2", layers=2), make_policy("interlayer"))

@@ -214,3 +214,23 @@ def regroup(info: dict, delta: float) -> dict:
     """The same calibration grouped with another ``delta``."""
     sim = torch.tensor(info["similarity"], dtype=torch.float64)
     return {**info, "delta": delta, "groups": group_layers(sim, delta)}
+
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "groups"
+
+
+def find_shipped(model) -> Path | None:
+    """The groups file shipped for ``model``: the same architecture, and the same registered model where the model
+    was loaded by a kvcascade short name."""
+    from ..locret.heads import model_name_of
+    from ..models import fingerprint
+
+    fp, name = fingerprint(model.config), model_name_of(model)
+    for path in sorted(SHIPPED_DIR.glob("*.json")):
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if info.get("fingerprint") == fp and name in (None, info.get("model")):
+            return path
+    return None
