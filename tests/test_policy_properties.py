@@ -15,8 +15,11 @@ MODEL = tiny_model("llama", layers=2)
 GEMMA = tiny_model("gemma3", layers=3)
 
 
-def policy_for(name, budget):
-    extra = {}
+SHARES = sorted(n for n, c in REGISTRY.items() if "share" in c.PARAMS)
+
+
+def policy_for(name, budget, share="none"):
+    extra = {"share": share} if share != "none" and name in SHARES else {}
     if name in ("snapkv", "pyramidkv"):
         extra["window"] = max(1, budget // 4)
     if name == "streaming":
@@ -91,16 +94,17 @@ def snapshot(cache):
     decode=st.integers(0, 6),
     gemma=st.booleans(),
     seed=st.integers(0, 1000),
+    share=st.sampled_from(["none", "all"]),
 )
-def test_invariants(name, budget, length, chunks, decode, gemma, seed):
+def test_invariants(name, budget, length, chunks, decode, gemma, seed, share):
     model = GEMMA if gemma else MODEL
     ids = torch.randint(0, 96, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-    policy = policy_for(name, budget)
+    policy = policy_for(name, budget, share)
     cache = CompressedCache(model, policy)
     for phase, final in feed(model, cache, ids, chunks, decode):
         check_invariants(cache, policy, phase, final)
     # same inputs -> same cache
-    again = CompressedCache(model, policy_for(name, budget))
+    again = CompressedCache(model, policy_for(name, budget, share))
     for _ in feed(model, again, ids, chunks, decode):
         pass
     for a, b in zip(snapshot(cache), snapshot(again)):
@@ -187,3 +191,70 @@ def test_max_tokens_bounds_what_a_generation_holds(name, budget, length, chunk, 
     held = s.cache.kv_tokens_peak()
     s.close()
     assert held <= policy.max_tokens(length, decode, chunk, MODEL.config.num_hidden_layers)
+
+
+def _two_layer_h2o(share):
+    from kvcascade.cache import AttnStats
+
+    policy = make_policy("h2o", budget=8, recent_ratio=0.5, share=share)
+    cache = CompressedCache(MODEL, policy)
+    k = torch.zeros(1, 2, 12, 16)
+    small = torch.arange(12, dtype=torch.float32) * 0.001
+    m0 = small.clone()
+    m0[1] = 5.0  # layer 0 finds token 1 by far the most important
+    m1 = small.clone()
+    m1[[0, 2, 4, 6]] = torch.tensor([1.0, 1.1, 1.2, 1.3])  # layer 1 prefers 0, 2, 4, 6; token 1 is its least
+    for layer, m in zip(cache.layers, (m0, m1)):
+        layer.append(k, k)
+        policy.step(cache, layer, AttnStats(m.view(1, 1, 12).expand(1, 2, 12).clone(), None, 12, 2, "prefill", True))
+    return cache
+
+
+def test_share_lets_one_layers_importance_protect_a_token_in_an_alike_layer():
+    assert _two_layer_h2o("none").layers[1].pos[0, 0].tolist() == [0, 2, 4, 6, 8, 9, 10, 11]
+    # share=all: token 1 keeps layer 0's top percentile in layer 1 and displaces layer 1's weakest pick (token 0)
+    assert _two_layer_h2o("all").layers[1].pos[0, 0].tolist() == [1, 2, 4, 6, 8, 9, 10, 11]
+    assert _two_layer_h2o("all").layers[0].pos[0, 0].tolist() == _two_layer_h2o("none").layers[0].pos[0, 0].tolist()
+
+
+def test_share_group_follows_the_groups_file(tmp_path):
+    import json
+
+    from kvcascade.interlayer.calibrate import FORMAT
+    from kvcascade.models import fingerprint
+
+    def groups(blocks):
+        path = tmp_path / f"g{len(blocks[0])}.json"
+        path.write_text(json.dumps({"format": FORMAT, "model": "tiny", "fingerprint": fingerprint(MODEL.config),
+                                    "similarity": [[[1.0, 0.5], [0.5, 1.0]]] * 2, "groups": blocks, "delta": 0.5}))
+        return str(path)
+
+    from kvcascade.cache import AttnStats
+
+    apart, together = groups([[[0], [1]], [[0], [1]]]), groups([[[0, 1]], [[0, 1]]])
+    for g, first in ((apart, 0), (together, 1)):
+        policy = make_policy("h2o", budget=8, recent_ratio=0.5, share="group", share_groups=g)
+        cache = CompressedCache(MODEL, policy)
+        k = torch.zeros(1, 2, 12, 16)
+        small = torch.arange(12, dtype=torch.float32) * 0.001
+        m0, m1 = small.clone(), small.clone()
+        m0[1] = 5.0
+        m1[[0, 2, 4, 6]] = torch.tensor([1.0, 1.1, 1.2, 1.3])
+        for layer, m in zip(cache.layers, (m0, m1)):
+            layer.append(k, k)
+            policy.step(cache, layer, AttnStats(m.view(1, 1, 12).expand(1, 2, 12).clone(), None, 12, 2, "prefill",
+                                                True))
+        assert cache.layers[1].pos[0, 0, 0].item() == first
+
+
+def test_share_bad_inputs():
+    import pytest
+
+    from kvcascade.errors import KVCascadeError
+
+    with pytest.raises(KVCascadeError, match="share must be"):
+        make_policy("cascade", 64, share="some")
+    with pytest.raises(KVCascadeError, match="does not exist"):
+        make_policy("h2o", 64, share="group", share_groups="/no/such.json")
+    with pytest.raises(KVCascadeError, match="none ship for this model"):
+        CompressedCache(MODEL, make_policy("tova", 64, share="group"))

@@ -59,6 +59,7 @@ import torch
 
 from ..errors import KVCascadeError
 from .base import Policy, register
+from .share import SHARE_DOCS, SHARE_PARAMS, ShareParam
 
 
 def segment_last_argmax(scores: torch.Tensor, gid: torch.Tensor, n_groups: int) -> torch.Tensor:
@@ -76,14 +77,14 @@ def segment_last_argmax(scores: torch.Tensor, gid: torch.Tensor, n_groups: int) 
 
 
 @register
-class Cascade(Policy):
+class Cascade(ShareParam, Policy):
     """Sinks + cascading sub-caches with EMA-selective acceptance, in-cache positions (arXiv 2406.17808)."""
 
     name = "cascade"
     position_mode = "cache"
     PARAMS = {"budget": 2048, "sinks": 4, "cascades": 4, "beta": 0.999, "rule": "ema", "rate": "pow2",
               "head_reduction": "mean", "eager_fill": True, "block": 1, "recenter": False,
-              "select": "ema"}
+              "select": "ema", **SHARE_PARAMS}
     DOCS = {"budget": "tokens kept per layer and KV head (sinks included)",
             "sinks": "first tokens kept forever",
             "cascades": "number of sub-caches; each holds W = (budget - sinks - block + 1) // (cascades * block) units; "
@@ -97,7 +98,7 @@ class Cascade(Policy):
             "recenter": "with block > 1 (ours): when adjacent units compete, the winner slides over both to the "
                         "b-token window around its top token with the most score mass",
             "select": "ema (the paper: competitions compare current EMA scores) or peak (ours: the highest EMA "
-                      "score a token has had, at stride ends)"}
+                      "score a token has had, at stride ends)", **SHARE_DOCS}
     needs_mass = True
 
     def validate(self) -> None:
@@ -184,7 +185,8 @@ class Cascade(Policy):
         # row scores: [R, n]; rows are batch (shared selection) or batch*heads
         shared = self.head_reduction == "mean"
         rows = (lambda t: t[:, 0]) if shared else (lambda t: t.reshape(-1, n))  # noqa: E731 - [B, H, n] -> rows
-        row_scores = layer.score.mean(dim=1) if shared else rows(layer.score)
+        row_scores = self.shared(cache, layer, layer.score.mean(dim=1, keepdim=True) if shared else layer.score)
+        row_scores = row_scores[:, 0] if shared else rows(row_scores)
         if self.select == "peak":  # the highest selection score each token has had (new tokens arrive with 0)
             peak = layer.extra.get("peak")
             if peak is None:

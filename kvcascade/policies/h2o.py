@@ -8,18 +8,19 @@ Original positions (``positions=cache``: slot positions, as StreamingLLM, for st
 """
 
 from .base import Policy, PositionsParam, keep_indices, recent_mask, register
+from .share import SHARE_DOCS, SHARE_PARAMS, ShareParam
 
 
 @register
-class H2O(PositionsParam, Policy):
+class H2O(ShareParam, PositionsParam, Policy):
     """Heavy hitters (accumulated attention) + recent tokens, per KV head (H2O, arXiv 2306.14048)."""
 
     name = "h2o"
     graph_safe = True
-    PARAMS = {"budget": 2048, "recent_ratio": 0.5, "positions": "original"}
+    PARAMS = {"budget": 2048, "recent_ratio": 0.5, "positions": "original", **SHARE_PARAMS}
     DOCS = {"budget": "tokens kept per layer and KV head",
             "recent_ratio": "share of the budget reserved for the most recent tokens (paper: 0.5)",
-            "positions": PositionsParam.POSITIONS_DOC}
+            "positions": PositionsParam.POSITIONS_DOC, **SHARE_DOCS}
     needs_mass = True
 
     def validate(self) -> None:
@@ -35,4 +36,5 @@ class H2O(PositionsParam, Policy):
         if n <= self.budget:
             return
         recent = int(self.budget * self.recent_ratio)
-        layer.compact(keep_indices(layer.score, self.budget, recent_mask(n, recent, layer.score.device)))
+        layer.compact(keep_indices(self.shared(cache, layer, layer.score), self.budget,
+                                   recent_mask(n, recent, layer.score.device)))

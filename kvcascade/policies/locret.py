@@ -32,26 +32,27 @@ import torch
 
 from ..errors import KVCascadeError
 from .base import Policy, keep_indices, recent_mask, register
+from .share import SHARE_DOCS, SHARE_PARAMS, ShareParam
 
 PAPER_STABILIZER_RATIO = 2500 / 6000
 
 
 @register
-class Locret(Policy):
+class Locret(ShareParam, Policy):
     """Trained retaining heads score each unit on arrival; chunked prefill keeps the top `budget` (Locret, arXiv 2410.01805)."""
 
     name = "locret"
     graph_safe = True
     position_mode = "cache"
     PARAMS = {"budget": 2048, "stabilizers": -1, "local": 100, "heads": "auto", "decode": "bounded",
-              "decode_window": 512}
+              "decode_window": 512, **SHARE_PARAMS}
     DOCS = {"budget": "units kept per layer and KV head after each prefill chunk (paper's b)",
             "stabilizers": "most recent units protected after each prefill chunk but the last (paper's n_s; "
                            "-1: round(budget * 2500/6000), the paper's ratio)",
             "local": "final prompt tokens run last and never evicted (paper's n_loc: 100)",
             "heads": "auto (shipped heads for the model), a .safetensors path, or random (untrained ablation)",
             "decode": "bounded (ours: evict past budget + local + decode_window) or grow (the paper: keep all)",
-            "decode_window": "bounded decode: newest units never evicted while decoding"}
+            "decode_window": "bounded decode: newest units never evicted while decoding", **SHARE_DOCS}
 
     def validate(self) -> None:
         super().validate()
@@ -109,11 +110,13 @@ class Locret(Policy):
         model = cache._model
         heads = self._heads_for(model)
         cache.aux["locret"] = (heads, ProjectionTap(model, heads.layers))
+        super().setup(cache)  # share= (cross-layer selection)
 
     def teardown(self, cache) -> None:
         item = cache.aux.pop("locret", None)
         if item is not None:
             item[1].close()
+        super().teardown(cache)
 
     def max_tokens(self, prompt_tokens: int, max_new: int, chunk: int, num_layers: int) -> int:
         after = self.local + (self.decode_window + 1 if self.decode == "bounded" else max_new)
@@ -142,11 +145,11 @@ class Locret(Policy):
             remaining = getattr(cache, "remaining", None)
             more_chunks = (remaining > self.local) if remaining is not None else not stats.final_chunk
             protect = recent_mask(n, self.stabilizers, layer.keys.device) if more_chunks else None
-            layer.compact(keep_indices(layer.score, self.budget, protect))
+            layer.compact(keep_indices(self.shared(cache, layer, layer.score), self.budget, protect))
             return
         if self.decode == "grow":
             return
         cap = self.budget + self.local + self.decode_window
         if n > cap:
             protect = recent_mask(n, self.local + self.decode_window, layer.keys.device)
-            layer.compact(keep_indices(layer.score, cap, protect))
+            layer.compact(keep_indices(self.shared(cache, layer, layer.score), cap, protect))

@@ -7,21 +7,22 @@ decision is shared by the heads of a layer. No accumulation across steps. Origin
 """
 
 from .base import Policy, PositionsParam, keep_indices, register
+from .share import SHARE_DOCS, SHARE_PARAMS, ShareParam
 
 
 @register
-class TOVA(PositionsParam, Policy):
+class TOVA(ShareParam, PositionsParam, Policy):
     """Keep the tokens the newest query attends to most, averaged over heads (TOVA, arXiv 2401.06104)."""
 
     name = "tova"
     graph_safe = True
-    PARAMS = {"budget": 2048, "positions": "original"}
+    PARAMS = {"budget": 2048, "positions": "original", **SHARE_PARAMS}
     DOCS = {"budget": "tokens kept per layer (all heads keep the same tokens)",
-            "positions": PositionsParam.POSITIONS_DOC}
+            "positions": PositionsParam.POSITIONS_DOC, **SHARE_DOCS}
     obs_window = 1
 
     def step(self, cache, layer, stats) -> None:
         if len(layer) <= self.budget:
             return
         score = stats.obs.mean(dim=1, keepdim=True) / stats.group  # [B, 1, N]
-        layer.compact(keep_indices(score, self.budget))
+        layer.compact(keep_indices(self.shared(cache, layer, score), self.budget))
