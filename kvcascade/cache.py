@@ -223,9 +223,9 @@ class LayerCache:
         self._k[:, :, n:need] = k
         self._v[:, :, n:need] = v
         self._pos[:, :, n:need] = pos.view(1, 1, C)
-        self._score[:, :, n:need] = 0
+        self._score[:, :, n:need].zero_()
         for buf in self._extra.values():
-            buf[:, :, n:need] = 0
+            buf[:, :, n:need].zero_()
         self.n = need
         self.seen += C
 

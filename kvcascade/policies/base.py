@@ -169,7 +169,7 @@ def keep_indices(score: torch.Tensor, k: int, protect: torch.Tensor | None = Non
 def recent_mask(n: int, recent: int, device) -> torch.Tensor:
     m = torch.zeros(n, dtype=torch.bool, device=device)
     if recent > 0:
-        m[max(0, n - recent):] = True
+        m[max(0, n - recent):].fill_(True)
     return m
 
 

@@ -1,0 +1,79 @@
+"""CPU guard of the CUDA-graph path: a replayed graph repeats the kernels recorded at capture, so every decode step
+with the same key (kvcascade.graphs.DecodeGraphs._key) must issue exactly the same operations with the same
+non-tensor arguments, and must not build tensors from host data (on a GPU, a host-to-device copy). Checked here on
+CPU, where graphs never run, by recording each step's operator trace."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kvcascade.engine import Session
+from kvcascade.policies import REGISTRY, make_policy
+
+from .conftest import tiny_model
+
+FROM_HOST = {"aten.lift_fresh.default", "aten.lift_fresh_copy.default", "aten._local_scalar_dense.default"}
+
+
+class Trace(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        def sig(a):
+            if isinstance(a, torch.Tensor):
+                return ("T", tuple(a.shape), str(a.dtype))
+            if isinstance(a, (list, tuple)):
+                return tuple(sig(x) for x in a)
+            return repr(a)
+
+        self.ops.append((str(func), sig(args), sig(sorted((kwargs or {}).items()))))
+        return func(*args, **(kwargs or {}))
+
+
+class _Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(65 + int(i) % 26) for i in ids)
+
+
+SPECS = {"full": {}, "window": {"budget": 24}, "streaming": {"budget": 24}, "h2o": {"budget": 24},
+         "tova": {"budget": 24}, "snapkv": {"budget": 48, "window": 8}, "pyramidkv": {"budget": 48, "window": 8},
+         "locret": {"budget": 24, "stabilizers": 8, "local": 2, "decode_window": 4, "heads": "random"},
+         "h2o-share": {"budget": 24, "share": "all"}}
+
+
+def test_every_graph_safe_policy_is_covered():
+    safe = {n for n, c in REGISTRY.items() if c.graph_safe}
+    assert safe <= {s.split("-")[0] for s in SPECS}
+
+
+@pytest.mark.parametrize("spec", sorted(SPECS))
+def test_steps_with_one_key_issue_the_same_operations(spec):
+    model = tiny_model("qwen2", layers=3)
+    ids = torch.randint(0, 96, (120,), generator=torch.Generator().manual_seed(2)).tolist()
+    s = Session(model, _Tok(), ids, make_policy(spec.split("-")[0], **SPECS[spec]), max_new_tokens=30,
+                chunk_size=32, stop_on_eos=False)
+    traces: dict = {}
+    steps = 0
+    with torch.inference_mode():
+        while s.t1 is None:  # prefill
+            s.step()
+        g = s.graphs
+        while len(s.new) < 29:
+            key = g._key()
+            tok = int(s.logits.argmax())
+            s.new.append(tok)
+            inp = torch.tensor([[tok]])  # a replay reads the token from a buffer filled before it
+            with Trace() as t:
+                s.logits = s.cache.forward(model, inp, logits_to_keep=1).logits[0, -1]
+            steps += 1
+            if key is None:
+                continue
+            assert not FROM_HOST & {op for op, _, _ in t.ops}, "a step builds a tensor from host data"
+            if key in traces:
+                assert traces[key] == t.ops, "two steps with one graph key issued different operations"
+            traces[key] = t.ops
+    s.close()
+    if spec != "full":  # a bounded cache reaches its steady state: its key repeats
+        assert sum(1 for _ in traces) < steps
