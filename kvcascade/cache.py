@@ -135,6 +135,7 @@ class LayerCache:
         self.seen = 0  # tokens this layer has received so far
         self.peak_tokens = 0
         self.peak_bytes = 0
+        self.token_bytes = 0  # K/V bytes of one token in all rows and heads (set at the first append)
 
     # -- views -------------------------------------------------------------------------------------------
     def _view(self, buf):
@@ -204,8 +205,8 @@ class LayerCache:
         self.capacity = cap
 
     def append(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None = None) -> None:
-        """Add a chunk (keys as the cache stores them) after the held tokens; ``pos`` ``[C]``: its original positions
-        (default: continuing from ``seen``)."""
+        """Add a chunk (keys as the cache stores them) after the held tokens; ``pos`` ``[C]`` or ``[B, C]``: its
+        original positions (default: continuing from ``seen``)."""
         B, H, C, D = k.shape
         need = self.n + C
         if self._k is None:
@@ -215,6 +216,7 @@ class LayerCache:
             self._pos = torch.zeros(B, H, cap, dtype=torch.long, device=k.device)
             self._score = torch.zeros(B, H, cap, dtype=torch.float32, device=k.device)
             self.capacity = cap
+            self.token_bytes = 2 * B * H * D * k.element_size()
         elif need > self.capacity:
             self._grow(max(need, self.capacity + self.capacity // 2))
         n = self.n
@@ -222,7 +224,7 @@ class LayerCache:
             pos = torch.arange(self.seen, self.seen + C, device=k.device)
         self._k[:, :, n:need] = k
         self._v[:, :, n:need] = v
-        self._pos[:, :, n:need] = pos.view(1, 1, C)
+        self._pos[:, :, n:need] = pos.view(-1, 1, C)
         self._score[:, :, n:need].zero_()
         for buf in self._extra.values():
             buf[:, :, n:need].zero_()
@@ -347,6 +349,7 @@ class CompressedCache(Cache):
         self._last_ids = None  # (position ids tensor, its first position, original positions) from next_position_ids
         self._seen_dev = None  # original position of the next token, on the device (see next_position_ids)
         self._seen_host = 0  # what the host expects _seen_dev to hold
+        self.row_seen: list[int] | None = None  # batched decoding (rows of several prompts): tokens each row has seen
         policy.setup(self)
         if policy.position_mode == "cache" and not all(
             policy.layer_budget(i, self.num_layers) == policy.layer_budget(0, self.num_layers)
@@ -442,26 +445,33 @@ class CompressedCache(Cache):
         positions for :meth:`attend`. Original positions come from a counter kept on the device (advanced here,
         in place), so a decode step captured as a CUDA graph numbers every replay's token right."""
         start = self.get_seq_length()
-        seen = self.seen_tokens
         with torch.inference_mode():  # the counter is an inference tensor, so it is only ever touched under it
             self.sync_position_counter(device)
-            orig = self._seen_dev + torch.arange(n, device=device)
+            orig = self._seen_dev.view(-1, 1) + torch.arange(n, device=device)  # [rows, n]
             self._seen_dev.add_(n)
-        self._seen_host = seen + n
-        ids = orig.unsqueeze(0) if self.policy.position_mode == "original" else \
+        self._seen_host = self._expected_seen(n)
+        if self.row_seen is not None:
+            self.row_seen = [r + n for r in self.row_seen]
+        ids = orig if self.policy.position_mode == "original" else \
             torch.arange(start, start + n, device=device).unsqueeze(0)
         self._last_ids = (ids, start, orig)  # attend() reads the first position from here: no device-to-host copy
         return ids
 
+    def _expected_seen(self, ahead: int = 0):
+        """What the device counter holds once ``ahead`` more tokens are counted (a tuple per row when batched)."""
+        if self.row_seen is not None:
+            return tuple(r + ahead for r in self.row_seen)
+        return self.seen_tokens + ahead
+
     def sync_position_counter(self, device=None) -> None:
         """Make the device's position counter hold the number of tokens seen (set anew if anything changed it)."""
-        seen = self.seen_tokens
+        seen = self._expected_seen()
         dev = torch.device(device or "cpu")
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         if self._seen_dev is None or self._seen_dev.device != dev or self._seen_host != seen:
             with torch.inference_mode():
-                self._seen_dev = torch.full((), seen, dtype=torch.long, device=dev)
+                self._seen_dev = torch.tensor(seen, dtype=torch.long, device=dev)
             self._seen_host = seen
 
     def reserve(self, tokens: int, chunk: int = 0) -> None:
@@ -486,7 +496,7 @@ class CompressedCache(Cache):
     # -- the attention step -------------------------------------------------------------------------------
     def _key_positions(self, layer: LayerCache, q_pos0: int, orig0, C: int, device) -> torch.Tensor:
         """Rotation positions ``[B, H, N]`` of the layer's stored keys (the chunk's ``C`` last), given the first
-        query's position ``q_pos0`` and its original position ``orig0`` (a device scalar: no host copy)."""
+        query's position ``q_pos0`` and its original position ``orig0`` (``[rows, 1, 1]``, on the device: no host copy)."""
         if self.policy.position_mode == "cache" and not layer.is_sliding:
             n = len(layer)
             pos = torch.arange(q_pos0 - (n - C), q_pos0 + C, device=device).view(1, 1, -1)
@@ -507,8 +517,8 @@ class CompressedCache(Cache):
         if position_ids is None:
             position_ids = self.next_position_ids(C, device=query.device)
         last = self._last_ids
-        mine = last is not None and last[0] is position_ids and last[2].shape[0] == C
-        orig = last[2] if mine else torch.arange(layer.seen, layer.seen + C, device=query.device)
+        mine = last is not None and last[0] is position_ids and last[2].shape[-1] == C
+        orig = last[2] if mine else torch.arange(layer.seen, layer.seen + C, device=query.device).view(1, C)
         n_cached = len(layer)
         if self.keys_rotated:  # original positions: keys keep the rotation they arrived with
             layer.append(key_new, value_new, orig)
@@ -519,13 +529,13 @@ class CompressedCache(Cache):
             layer.append(unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1)), value_new, orig)
             if n_cached:
                 q0 = last[1] if mine else int(q_pos[0])
-                rot_pos = self._key_positions(layer, q0, orig[0], C, query.device)
+                rot_pos = self._key_positions(layer, q0, orig[:, :1].unsqueeze(-1), C, query.device)
                 cos_c, sin_c = self.rotary(layer_idx, rot_pos.reshape(B, -1), key_new)
                 k_all = apply_rope(layer.keys, cos_c.view(B, H, -1, D), sin_c.view(B, H, -1, D))
                 k_all[:, :, n_cached:] = key_new
             else:
                 k_all = key_new
-        v_all, k_orig, q_orig = layer.values, layer.pos, orig
+        v_all, k_orig, q_orig = layer.values, layer.pos, orig[0]  # (rows share the query slots; windows: one row)
         policy = self.policy
         custom = policy.attention(self, layer, query, k_all, v_all, q_orig=q_orig, k_orig=k_orig, scaling=scaling,
                                   softcap=softcap)

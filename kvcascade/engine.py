@@ -8,6 +8,7 @@ knows which policy is active.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -38,6 +39,7 @@ class GenerationResult:
     params: dict = field(default_factory=dict)
     finish_reason: str = ""  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
     decode_graph_steps: int = 0  # decode steps replayed as a CUDA graph (see kvcascade.graphs)
+    decode_batch: int = 1  # most prompts decoded together with this one (generate with a list of prompts)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,11 +71,8 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.G
 def _full_cache_bytes(cache: CompressedCache, tokens: int) -> int:
     total = 0
     for layer in cache.layers:
-        if layer.keys is None:
-            continue
-        per_token = 2 * layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[3] * layer.keys.element_size()
         held = min(tokens, layer.window - 1) if layer.is_sliding else tokens
-        total += per_token * held
+        total += layer.token_bytes * held
     return total
 
 
@@ -262,6 +261,8 @@ class Session:
         self.done = False
         self.finish_reason: str | None = None
         self.t0 = self.t1 = self.t2 = None
+        self.batch_rows = 1  # most rows of a BatchDecoder this session was decoded in
+        self.batch_replays = 0  # its steps there replayed as a CUDA graph
 
     # -- steps ---------------------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -285,17 +286,33 @@ class Session:
                     self.cache.remaining = 0
                     if self.max_new_tokens == 0:
                         return self._finish("length")
-            tok = _sample(self.logits, self.temperature, self.top_p, self.gen)
-            if tok in self.eos:
-                return self._finish("stop")
-            self.new.append(tok)
-            self.text += self.stream.push(tok)
-            if self._check_stop():
+            tok = self._take()
+            if tok is None:
                 return True
-            if len(self.new) >= self.max_new_tokens:
-                return self._finish("length")
             self.logits = self.graphs.step(tok)
             return False
+
+    @property
+    def decoding(self) -> bool:
+        """Prefill done, not finished: the next step decodes a token."""
+        return self.t1 is not None and not self.done
+
+    def _take(self, tok: int | None = None) -> int | None:
+        """The next token (sampled from the last logits unless given): recorded and checked against EOS, the stop
+        strings and the length limit. Returns the token to feed the model, or None when the session has finished."""
+        if tok is None:
+            tok = _sample(self.logits, self.temperature, self.top_p, self.gen)
+        if tok in self.eos:
+            self._finish("stop")
+            return None
+        self.new.append(tok)
+        self.text += self.stream.push(tok)
+        if self._check_stop():
+            return None
+        if len(self.new) >= self.max_new_tokens:
+            self._finish("length")
+            return None
+        return tok
 
     def _cut_at_stop(self) -> bool:
         """End the text before the earliest stop string in it; True if there was one."""
@@ -351,12 +368,140 @@ class Session:
             policy=self.policy.name,
             params=self.policy.params(),
             finish_reason=self.finish_reason or "",
-            decode_graph_steps=self.graphs.replays,
+            decode_graph_steps=self.graphs.replays + self.batch_replays,
+            decode_batch=self.batch_rows,
         )
 
     def close(self) -> None:
         self._prefill.close()
         self.cache.release()
+
+
+class BatchDecoder:
+    """Decodes several sessions together: one forward of the model per step for all of them.
+
+    Sessions join once their prefill is done (:meth:`add`); their caches become rows of one batched cache (copied
+    once), and each step samples every row's token, lets finished sessions leave (their rows are dropped), and runs
+    one forward for the rest (replayed as a CUDA graph where the step repeats, like a single session's). Rows must
+    be alike (:meth:`compatible`): the same policy and parameters, a policy whose step depends only on the cache's
+    token counts (``graph_safe``), no sliding-window layers, and every layer holding as many tokens in each row
+    (the steady state of a bounded policy once the prompts are at least the budget). The answers are those of
+    decoding each session alone (up to floating-point reassociation in the batched matrix products).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.sessions: list[Session] = []
+        self.cache: CompressedCache | None = None
+        self.graphs: DecodeGraphs | None = None
+        self.policy = None
+
+    def compatible(self, session: Session) -> bool:
+        c = session.cache
+        if not (session.decoding and session.policy.graph_safe and session.model is self.model
+                and not any(layer.is_sliding for layer in c.layers)
+                and all(layer._k is not None for layer in c.layers)):
+            return False
+        if self.cache is None:
+            return True
+        return (type(session.policy) is type(self.policy) and session.policy.params() == self.policy.params()
+                and all(a.n == b.n and repr(a.state) == repr(b.state) and set(a._extra) == set(b._extra)
+                        and a._k.dtype == b._k.dtype for a, b in zip(self.cache.layers, c.layers)))
+
+    def add(self, session: Session) -> None:
+        """Make ``session`` (decoding, :meth:`compatible`) a row of the batch."""
+        own = session.cache
+        if self.cache is None:
+            self.policy = session.policy
+            self.cache = CompressedCache(self.model, session.policy)
+            self.cache.phase, self.cache.final_chunk, self.cache.remaining = "decode", True, 0
+            self.cache.row_seen = []
+            self.graphs = DecodeGraphs(self.cache, self.model)
+        cache = self.cache
+        first = not self.sessions
+        for bl, ol in zip(cache.layers, own.layers):
+            n = ol.n
+            cap = max(bl.capacity, ol.capacity, n + 1)
+
+            def stack(b, o):
+                new = o.new_zeros(((0 if first else b.shape[0]) + o.shape[0], *o.shape[1:2], cap, *o.shape[3:]))
+                if not first:
+                    new[:b.shape[0], :, :n] = b[:, :, :n]
+                new[new.shape[0] - o.shape[0]:, :, :n] = o[:, :, :n]
+                return new
+
+            bl._k, bl._v = stack(bl._k, ol._k), stack(bl._v, ol._v)
+            bl._pos, bl._score = stack(bl._pos, ol._pos), stack(bl._score, ol._score)
+            bl._extra = {name: stack(bl._extra.get(name), t) for name, t in ol._extra.items()}
+            bl.n, bl.capacity = n, cap
+            bl.token_bytes = (0 if first else bl.token_bytes) + ol.token_bytes
+            bl.seen = max(bl.seen, ol.seen)
+            bl.state = copy.deepcopy(ol.state)
+            bl.peak_tokens = max(bl.peak_tokens, n + 1)
+            # the session keeps its counters for its result; its own buffers are freed
+            ol._k = ol._v = ol._pos = ol._score = None
+            ol._extra = {}
+        cache.row_seen = cache.row_seen + [own.seen_tokens]
+        own.release()
+        self.sessions.append(session)
+
+    def _drop(self, rows: list[int]) -> None:
+        keep = [i for i in range(len(self.sessions)) if i not in rows]
+        self.sessions = [self.sessions[i] for i in keep]
+        if not keep:
+            self.cache.release()
+            self.cache = self.graphs = self.policy = None
+            return
+        idx = torch.tensor(keep, device=self.cache.layers[0]._k.device)
+        for layer in self.cache.layers:
+            per_row = layer.token_bytes // layer._k.shape[0]
+            layer._k, layer._v = layer._k.index_select(0, idx), layer._v.index_select(0, idx)
+            layer._pos, layer._score = layer._pos.index_select(0, idx), layer._score.index_select(0, idx)
+            layer._extra = {name: t.index_select(0, idx) for name, t in layer._extra.items()}
+            layer.token_bytes = per_row * len(keep)
+        self.cache.row_seen = [self.cache.row_seen[i] for i in keep]
+
+    def remove(self, session: Session) -> None:
+        """Take ``session`` out of the batch (a cancelled request); its row is dropped."""
+        if session in self.sessions:
+            self._drop([self.sessions.index(session)])
+
+    def step(self) -> list[Session]:
+        """Decode one token for every row; return the sessions that finished (and left the batch)."""
+        rows = self.sessions
+        greedy = [i for i, s in enumerate(rows) if s.temperature <= 0]
+        picks = {}
+        if greedy:
+            with torch.inference_mode():
+                best = torch.stack([rows[i].logits for i in greedy]).argmax(-1).tolist()  # one sync for all
+            picks = dict(zip(greedy, best))
+        toks = [s._take(picks.get(i)) for i, s in enumerate(rows)]
+        done = [i for i, t in enumerate(toks) if t is None]
+        finished = [rows[i] for i in done]
+        if done:
+            self._drop(done)
+            toks = [t for t in toks if t is not None]
+        if not self.sessions:
+            return finished
+        for s in self.sessions:  # what each row holds while this token attends, for its own result
+            for bl, ol in zip(self.cache.layers, s.cache.layers):
+                ol.peak_tokens = max(ol.peak_tokens, bl.n + 1)
+                ol.peak_bytes = max(ol.peak_bytes, (bl.n + 1) * ol.token_bytes)
+                ol.seen += 1
+        with torch.inference_mode():
+            before = self.graphs.replays
+            logits = self.graphs.step(toks)
+            replayed = self.graphs.replays - before
+        for s, row in zip(self.sessions, logits):
+            s.logits = row
+            s.batch_rows = max(s.batch_rows, len(self.sessions))
+            s.batch_replays += replayed
+        return finished
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.release()
+            self.cache = self.graphs = None
 
 
 def with_query(prompt: str, query: str) -> str:
@@ -383,7 +528,8 @@ def generate(model, tokenizer, prompt, policy: str | Policy = "streaming", budge
              on_token=None, progress: bool = False, query: str | None = None, stop=None):
     """Generate a continuation of ``prompt`` under a compressed KV cache.
 
-    ``prompt``: text, a list of token ids, or a list of texts (a batch: one result per prompt, in order).
+    ``prompt``: text, a list of token ids, or a list of texts or of token-id lists (a batch: one result per prompt,
+    in order).
     ``policy``: a registry name (``budget`` and ``policy_args`` are its parameters) or a
     :class:`~kvcascade.policies.Policy`. Greedy unless ``temperature > 0`` (then nucleus sampling with
     ``top_p``, seeded by ``seed``). ``on_token(piece)`` receives the text of each new token as it comes.
@@ -395,11 +541,15 @@ def generate(model, tokenizer, prompt, policy: str | Policy = "streaming", budge
     knows what will be asked while it evicts; the prompt is sent as ``query + "\n\n" + prompt`` (the prompt
     keeps its own question at the end). Works with every policy; costs the query's tokens once more.
 
-    A batch is run one prompt after another, each with its own cache (same answers as one at a time).
+    A batch: each prompt is prefilled on its own (one cache each), then the prompts whose caches are alike (the same
+    token count in every layer: a bounded policy once each prompt is at least its budget) are decoded together,
+    one forward per step (:class:`BatchDecoder`); any other prompt is decoded on its own right after its prefill.
+    The answers are those of one prompt at a time (up to floating-point reassociation in the batched products).
+    With ``on_token`` the prompts run one after another (so the pieces arrive prompt by prompt).
     """
     check_generation_args(max_new_tokens, chunk_size, temperature, top_p)
     pol = make_policy(policy, budget, **(policy_args or {}))
-    batch = isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], str)
+    batch = isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (str, list, tuple))
     prompts = list(prompt) if batch else [prompt]
     if query is not None:
         if not isinstance(query, str) or not query.strip():
@@ -407,9 +557,34 @@ def generate(model, tokenizer, prompt, policy: str | Policy = "streaming", budge
         if not all(isinstance(p, str) for p in prompts):
             raise KVCascadeError("query= needs text prompts (not token ids)")
         prompts = [with_query(p, query) for p in prompts]
-    results = [
-        _generate_one(model, tokenizer, p, pol, max_new_tokens, int(chunk_size), temperature, top_p, seed,
-                      stop_on_eos, on_token, progress, stop=[stop] if isinstance(stop, str) else (stop or ()))
-        for p in prompts
-    ]
-    return results if batch else results[0]
+    stops = [stop] if isinstance(stop, str) else (stop or ())
+    if not batch or len(prompts) < 2 or on_token is not None:
+        results = [_generate_one(model, tokenizer, p, pol, max_new_tokens, int(chunk_size), temperature, top_p, seed,
+                                 stop_on_eos, on_token, progress, stop=stops) for p in prompts]
+        return results if batch else results[0]
+    return _generate_batch(model, tokenizer, prompts, pol, max_new_tokens, int(chunk_size), temperature, top_p, seed,
+                           stop_on_eos, progress, stops)
+
+
+def _generate_batch(model, tokenizer, prompts, policy, max_new_tokens, chunk_size, temperature, top_p, seed,
+                    stop_on_eos, progress, stop):
+    sessions = [Session(model, tokenizer, tokenize(tokenizer, p), policy, max_new_tokens=max_new_tokens,
+                        chunk_size=chunk_size, temperature=temperature, top_p=top_p, seed=seed,
+                        stop_on_eos=stop_on_eos, stop=stop, progress=progress) for p in prompts]
+    batch = BatchDecoder(model)
+    try:
+        for s in sessions:
+            while s.t1 is None and not s.step():  # prefill
+                pass
+            if batch.compatible(s):
+                batch.add(s)
+            else:  # decoded alone, now, so that caches that cannot join never pile up
+                while not s.step():
+                    pass
+        while batch.sessions:
+            batch.step()
+        return [s.result() for s in sessions]
+    finally:
+        batch.close()
+        for s in sessions:
+            s.close()

@@ -52,14 +52,14 @@ class _Entry:
 
 
 class DecodeGraphs:
-    """One generation's decode steps: :meth:`step` returns the next-token logits for token ``tok``."""
+    """One cache's decode steps: :meth:`step` returns the next-token logits for the token of each row."""
 
     def __init__(self, cache, model):
         self.cache, self.model = cache, model
         self.enabled = graphs_enabled(model.device)
         self.graphs: dict = {}
         self.last_key = None
-        self.tok = None
+        self.tok = {}  # rows -> the input buffer [rows, 1] the graphs read
         self.replays = self.captures = self.eager = 0
 
     # -- host state ----------------------------------------------------------------------------------------
@@ -84,26 +84,45 @@ class DecodeGraphs:
             layer.n, layer.seen, layer.peak_tokens, layer.peak_bytes, layer.state = n, seen, pt, pb, state
 
     # -- steps ---------------------------------------------------------------------------------------------
-    def _eager(self, tok: int) -> torch.Tensor:
+    def _eager(self, toks: list[int]) -> torch.Tensor:
         self.eager += 1
-        out = self.cache.forward(self.model, torch.tensor([[tok]], device=self.model.device), logits_to_keep=1)
-        return out.logits[0, -1]
+        inp = torch.tensor(toks, device=self.model.device).view(-1, 1)
+        return self.cache.forward(self.model, inp, logits_to_keep=1).logits[:, -1]
 
-    def step(self, tok: int) -> torch.Tensor:
-        """Decode one token: the logits ``[vocab]`` of the next."""
+    def _fill(self, toks: list[int]) -> torch.Tensor:
+        rows = len(toks)
+        if rows not in self.tok:
+            self.tok[rows] = torch.zeros(rows, 1, dtype=torch.long, device=self.model.device)
+        buf = self.tok[rows]
+        if rows == 1:
+            buf.fill_(toks[0])
+        else:
+            buf.copy_(torch.tensor(toks).view(rows, 1), non_blocking=False)
+        return buf
+
+    def step(self, tok) -> torch.Tensor:
+        """Decode one token per row (``tok``: an int, or a list with one per row of a batched cache): the logits of
+        the next, ``[vocab]`` for an int, ``[rows, vocab]`` for a list."""
+        toks = [tok] if isinstance(tok, int) else list(tok)
+        logits = self._step(toks)
+        return logits[0] if isinstance(tok, int) else logits
+
+    def _step(self, toks: list[int]) -> torch.Tensor:
         key = self._key() if self.enabled else None
+        if key is not None:
+            key = key + (len(toks),)
         if key is None:
-            return self._eager(tok)
+            return self._eager(toks)
         entry = self.graphs.get(key)
         if entry is None:
             if key != self.last_key or len(self.graphs) >= MAX_GRAPHS:
                 self.last_key = key
-                return self._eager(tok)
-            entry = self._capture(key, tok)
+                return self._eager(toks)
+            entry = self._capture(key, toks)
             if entry is None:
-                return self._eager(tok)
+                return self._eager(toks)
         else:
-            self.tok.fill_(tok)
+            self._fill(toks)
         entry.graph.replay()
         self.replays += 1
         for layer, (n, _, pt, pb, state) in zip(self.cache.layers, entry.after):
@@ -111,31 +130,32 @@ class DecodeGraphs:
             layer.seen += entry.seen_delta
             layer.peak_tokens, layer.peak_bytes = max(layer.peak_tokens, pt), max(layer.peak_bytes, pb)
             layer.state = copy.deepcopy(state)
-        self.cache._seen_host += entry.seen_delta
+        cache = self.cache
+        if cache.row_seen is not None:
+            cache.row_seen = [r + entry.seen_delta for r in cache.row_seen]
+        cache._seen_host = cache._expected_seen()
         self.last_key = key
-        return entry.logits[0, -1]
+        return entry.logits[:, -1]
 
-    def _capture(self, key, tok: int):
+    def _capture(self, key, toks: list[int]):
         from .cache import _pending
 
         cache = self.cache
-        snap = self._snapshot()
-        seen_host = cache._seen_host
         cache.sync_position_counter(self.model.device)  # as the capture will find it: nothing set anew inside
-        if self.tok is None:
-            self.tok = torch.zeros(1, 1, dtype=torch.long, device=self.model.device)
-        self.tok.fill_(tok)
+        snap = self._snapshot()
+        seen_host, row_seen = cache._seen_host, cache.row_seen
+        inp = self._fill(toks)
         graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.synchronize()
             with torch.cuda.graph(graph):
-                out = cache.forward(self.model, self.tok, logits_to_keep=1)
+                out = cache.forward(self.model, inp, logits_to_keep=1)
         except Exception as e:  # noqa: BLE001 - recorded kernels never ran: restore the host state, run eagerly
             global _FAILED
             _FAILED = True
             _pending.item = None
             self._restore(snap)
-            cache._seen_host = seen_host
+            cache._seen_host, cache.row_seen = seen_host, row_seen
             self.enabled = False
             warnings.warn(f"kvcascade: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly",
                           RuntimeWarning, stacklevel=3)
@@ -143,7 +163,7 @@ class DecodeGraphs:
         after = self._snapshot()
         delta = after[0][1] - snap[0][1]
         self._restore(snap)  # replay() below runs the step; step() then applies `after`
-        cache._seen_host = seen_host
+        cache._seen_host, cache.row_seen = seen_host, row_seen
         entry = _Entry(graph, out.logits, after, delta)
         self.graphs[key] = entry
         self.captures += 1

@@ -170,6 +170,30 @@ def test_sixteen_concurrent_streams_are_correct_and_independent(server):
     assert not errors and got == expected
 
 
+def test_concurrent_long_prompts_are_decoded_together(server):
+    c = server["client"]
+    prompts = [" ".join(f"w{(i * 11 + j) % 60}" for j in range(40 + 3 * i)) for i in range(8)]  # past the budget
+    expected = [c.completions.create(model=server["model"], prompt=p, max_tokens=12, temperature=0).choices[0].text
+                for p in prompts]
+    got, batch = [None] * 8, [0] * 8
+    errors = []
+
+    def run(i):
+        try:
+            r = c.completions.create(model=server["model"], prompt=prompts[i], max_tokens=12, temperature=0)
+            got[i], batch[i] = r.choices[0].text, r.model_extra["kvcascade"]["decode_batch"]
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and got == expected
+    assert max(batch) >= 2, batch  # alike requests shared forwards
+
+
 def test_a_disconnect_mid_stream_frees_the_cache(server):
     import http.client
 

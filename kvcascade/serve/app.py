@@ -218,7 +218,7 @@ def _kv_info(job: Job, result) -> dict:
     return {"policy": p.name, "budget": getattr(p, "budget", None), "params": p.params(),
             "kv_bytes_peak": result.kv_bytes_peak if result else 0, "kv_bytes_full": result.kv_bytes_full if result else 0,
             "kv_bytes_reserved": job.kv_bound, "prefill_s": result.prefill_s if result else 0.0,
-            "decode_s": result.decode_s if result else 0.0}
+            "decode_s": result.decode_s if result else 0.0, "decode_batch": result.decode_batch if result else 0}
 
 
 def build_app(server: Server):

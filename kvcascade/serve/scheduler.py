@@ -2,8 +2,10 @@
 
 Every request is a :class:`~kvcascade.engine.Session` (its own cache, policy and budget). The thread runs the
 admitted sessions round-robin, one step each (a prefill chunk or one decoded token), so a long prompt does not
-hold the others up for its whole prefill and every stream makes progress. (Steps are not yet batched into one
-forward: that is the batched-generation work of the performance issue; the scheduler is where it will plug in.)
+hold the others up for its whole prefill and every stream makes progress. Sessions that finished their prefill and
+are alike (same policy and parameters, same token count in every layer: a bounded policy's steady state) are
+decoded together, one forward per round for all of them (:class:`~kvcascade.engine.BatchDecoder`); the others
+decode one token per round on their own.
 
 Admission: each request reserves an upper bound of the KV bytes it can hold (its policy's
 :meth:`~kvcascade.policies.Policy.max_tokens` for its prompt, ``max_tokens`` and chunk size, times the model's
@@ -76,6 +78,9 @@ class Scheduler:
         self.running = True
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self._ids = itertools.count(1)
+        from ..engine import BatchDecoder
+
+        self.batch = BatchDecoder(model)
         self.thread = threading.Thread(target=self._loop, name="kvcascade-inference", daemon=True)
         self.thread.start()
 
@@ -142,6 +147,8 @@ class Scheduler:
         if job in self.active:
             self.active.remove(job)
         if job.session is not None:
+            if job.session in self.batch.sessions:
+                self.batch.remove(job.session)
             job.session.close()
 
     def _loop(self) -> None:
@@ -161,11 +168,17 @@ class Scheduler:
                 with self.cond:
                     self.cond.wait(timeout=0.05)
                 continue
+            batched = self.batch
             for job in batch:
                 if job.cancelled.is_set():
                     with self.cond:
                         self._drop(job)
                     job.emit("cancelled", None)
+                    continue
+                if job.session in batched.sessions:
+                    continue  # decoded below, with the batch
+                if batched.compatible(job.session):
+                    batched.add(job.session)
                     continue
                 try:
                     done = job.session.step()
@@ -176,6 +189,27 @@ class Scheduler:
                     continue
                 if done:
                     result = job.session.result()
+                    with self.cond:
+                        self._drop(job)
+                    job.emit("done", result)
+            if batched.sessions:
+                jobs = {id(j.session): j for j in batch}
+                try:
+                    finished = batched.step()
+                except Exception as e:  # noqa: BLE001 - the batch's forward failed: those requests end with it
+                    for s in list(batched.sessions):
+                        job = jobs.get(id(s))
+                        with self.cond:
+                            if job is not None:
+                                self._drop(job)
+                        if job is not None:
+                            job.emit("error", f"{type(e).__name__}: {e}")
+                    continue
+                for s in finished:
+                    job = jobs.get(id(s))
+                    if job is None:
+                        continue
+                    result = s.result()
                     with self.cond:
                         self._drop(job)
                     job.emit("done", result)
