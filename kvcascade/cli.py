@@ -247,6 +247,8 @@ def cmd_bench(args) -> int:
         kw = {"lengths": lengths} if lengths else {}
         if args.policies:
             kw["policies"] = args.policies.split(",")
+        if args.batches is not None:
+            kw["batches"] = [int(x) for x in args.batches.split(",") if x]
         bench.bench_generate(args.model, budget=args.budget, new_tokens=args.new_tokens, chunk_size=args.chunk_size,
                              out=out, **kw)
     else:
@@ -458,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--policies", default=None, help="generate: policy specs (default: full, streaming, h2o, tova, "
                     "snapkv, locret, cascade)")
     bn.add_argument("--new-tokens", type=int, default=256, help="generate: tokens decoded per run")
+    bn.add_argument("--batches", default=None, help="generate: numbers of prompts decoded together (default 8,32; "
+                    "empty: none)")
     bn.add_argument("--budget", type=int, default=8192, help="e2e, generate: budget")
     bn.add_argument("--chunk-size", type=int, default=4096, help="e2e: prefill stride")
     bn.add_argument("--full-lengths", default="32k", help="e2e: prompt lengths for the full cache")

@@ -380,9 +380,10 @@ def _stock_decode(model, ids: torch.Tensor, new_tokens: int, cache_implementatio
 
 def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "streaming", "h2o", "tova", "snapkv",
                    "locret", "cascade"), budget: int = 2048, new_tokens: int = 256, chunk_size: int = 4096,
-                   peers=("static", "dynamic"), out=None) -> list[dict]:
+                   peers=("static", "dynamic"), batches=(8, 32), batch_policy: str = "streaming", out=None) -> list[dict]:
     """Decode speed after a prompt of each length: stock ``generate`` (static cache, as transformers runs it, and
-    dynamic cache) as the peer, then ours per policy with and without CUDA graphs; same model, same run."""
+    dynamic cache) as the peer, then ours per policy with and without CUDA graphs; then ``batch_policy`` with
+    ``batches`` different prompts decoded together (aggregate tokens/s over the batched decode); same model, run."""
     _need_cuda()
     import os
 
@@ -422,6 +423,23 @@ def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "st
                              "note": f"{r.decode_graph_steps} of {r.new_tokens - 1} decode steps replayed" if graphs == "1" else ""})
                 print(f"{L} {spec} graphs={graphs}: {r.new_tokens / r.decode_s:.0f} tok/s", file=sys.stderr, flush=True)
         os.environ.pop("KVCASCADE_CUDA_GRAPHS", None)
+        name, pargs = parse_policy_spec(batch_policy)
+        for nb in batches:
+            starts = [(i * 997) % max(1, len(text_ids) - L) for i in range(nb)]  # nb different prompts of L tokens
+            prompts = [text_ids[a:a + L] for a in starts]
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            rs = generate(model, tok, prompts, policy=name, budget=budget, policy_args=pargs,
+                          max_new_tokens=new_tokens, chunk_size=chunk_size, stop_on_eos=False)
+            wall = time.perf_counter() - t
+            decode_wall = wall - sum(r.prefill_s for r in rs)
+            total = sum(r.new_tokens for r in rs)
+            rows.append({"T": L, "method": f"kvcascade {batch_policy} budget {budget}, {nb} prompts decoded together",
+                         "decode_tok_s": total / decode_wall, "prefill_s": sum(r.prefill_s for r in rs),
+                         "kv_mib": sum(r.kv_bytes_peak for r in rs) / 2**20,
+                         "note": f"aggregate; batch {max(r.decode_batch for r in rs)}, "
+                                 f"{rs[0].decode_graph_steps} of {new_tokens - 1} steps replayed"})
+            print(f"{L} batch {nb}: {total / decode_wall:.0f} tok/s aggregate", file=sys.stderr, flush=True)
     meta = {"device": device_name(), "model": model_name, "dtype": str(model.dtype), "new_tokens": new_tokens,
             "text": "King James New Testament", "chunk": chunk_size}
     print_table(rows, ["T", "method", "decode_tok_s", "prefill_s", "kv_mib", "note"],
