@@ -119,3 +119,21 @@ def test_cpu_never_captures():
     s.close()
     assert isinstance(s.graphs, DecodeGraphs) and not s.graphs.enabled and s.graphs.replays == 0
     assert len(s.new) == 12
+
+
+@cuda
+@pytest.mark.parametrize("policy", ["streaming", "h2o"])
+def test_batched_rows_replay_with_the_tokens_of_one_at_a_time(policy, monkeypatch):
+    from kvcascade.engine import generate
+
+    model = tiny_model("qwen2", layers=3).to("cuda")  # float32: batched products round like single ones, nearly
+    prompts = [torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (90, 130, 111)]
+    monkeypatch.setenv("KVCASCADE_CUDA_GRAPHS", "0")
+    solo = [generate(model, _Tok(), p, policy=policy, budget=24, max_new_tokens=30, chunk_size=32, stop_on_eos=False)
+            for p in prompts]
+    monkeypatch.setenv("KVCASCADE_CUDA_GRAPHS", "1")
+    batch = generate(model, _Tok(), prompts, policy=policy, budget=24, max_new_tokens=30, chunk_size=32,
+                     stop_on_eos=False)
+    assert all(r.decode_batch == 3 for r in batch) and batch[0].decode_graph_steps >= 20
+    same = sum(a.token_ids == b.token_ids for a, b in zip(batch, solo))
+    assert same == 3, [(a.token_ids, b.token_ids) for a, b in zip(batch, solo)]
