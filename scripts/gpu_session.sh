@@ -9,6 +9,8 @@
 #   e2e            bench e2e (1M-token prompt, cascade budget 8K; full cache at 32K)
 #   interlayer     calibrate inter-layer groups (regrouped at 0.3/0.7 too), then KJV-NT perplexity at 32K, passkey and
 #                  niah_single on prose at 8K/32K for full and interlayer (delta x proximal window); into $OUT/interlayer
+#   decode         GPU tests of CUDA graphs and batching, then bench generate (4K/32K, per policy, batches 8/32)
+#   share          cross-layer selection (share=none|group|all): passkey and the prose needle at 64K/256K
 #   serve          scripts/serve_load.py: $REQUESTS concurrent $PROMPT-token prompts, $POLICIES vs full
 #   eval TASKS     kvcascade eval TASKS with $POLICIES $BUDGETS $LENGTHS $SAMPLES $CHUNK $WORKERS $HAYSTACK $DEPTHS
 #                  into ~/ev/$NAME (resumable), results.jsonl + summary.md copied to $OUT/$NAME
@@ -50,6 +52,20 @@ for d in ('0.3','0.5','0.7'):
     timeout ${TLIM2:-240} $KV eval passkey,niah_single:haystack=prose --device cuda --quiet --haystack-file kjv:nt \
       --policies "$P2" --lengths 8k,32k --samples ${NSAMP:-10} --chunk-size 1024 --workers 8 --out ~/ev/il_needle 2>&1 | tail -20 || true
     cp ~/ev/il_needle/results.jsonl $D/needle_results.jsonl 2>/dev/null || true ;;
+  decode)
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_triton.py 2>&1 | tail -4
+    $KV bench generate --lengths "${LENGTHS:-4k,32k}" --budget "${BUDGET:-2048}" --new-tokens "${NEW:-128}" \
+      --policies "${POLICIES:-full,streaming,h2o,snapkv,locret,locret:decode_window=1,cascade}" \
+      --batches "${BATCHES:-8,32}" --out "$OUT/bench_generate.json" 2>/dev/null ;;
+  share)
+    P="cascade,cascade:share=group,cascade:share=all,h2o,h2o:share=group,locret,locret:share=group"
+    for task in passkey niah_single:haystack=prose; do
+      mkdir -p ~/ev
+      timeout "${TLIM:-280}" $KV eval $task --device cuda --quiet --policies "${POLICIES:-$P}" --budgets "${BUDGETS:-4096}" \
+        --lengths "${LENGTHS:-64k,256k}" --samples "${SAMPLES:-10}" --chunk-size 1024 --workers 8 --haystack-file kjv:nt \
+        --out ~/ev/share_${task%%:*} 2>&1 | tail -30 || true
+      mkdir -p $OUT/share_${task%%:*}; cp ~/ev/share_${task%%:*}/results.jsonl $OUT/share_${task%%:*}/ 2>/dev/null || true
+    done ;;
   serve)
     python3 scripts/serve_load.py --device cuda --requests "${REQUESTS:-32}" --prompt-tokens "${PROMPT:-32000}" \
       --max-tokens "${NEW:-32}" --policies "${POLICIES:-locret,full}" --budget "${BUDGET:-4096}" --out "$OUT/serve_load.json" ;;
