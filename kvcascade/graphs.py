@@ -19,9 +19,9 @@ A key is captured the second time it is seen (the first run compiles every kerne
 sets the host state to what the capture left (token counts, policy state; ``seen`` advanced by the step). If a
 capture fails, the host state is restored, graphs are turned off for the rest of the process with one warning
 (a failed capture can leave CUDA state behind: the default CUDA generator stays in capture mode, so later draws
-from it raise), and the step runs eagerly: never a wrong token. Policies opt in (``graph_safe``); models with
-sliding-window layers (Gemma3) decode eagerly for now, since the Triton kernels read the window's query position on
-the host. ``KVCASCADE_CUDA_GRAPHS=0`` turns graphs off; CPU never uses them.
+from it raise), and the step runs eagerly: never a wrong token. Policies opt in (``graph_safe``). Sliding-window
+layers (Gemma3) are captured too: the Triton kernels read the window's query position on the device.
+``KVCASCADE_CUDA_GRAPHS=0`` turns graphs off; CPU never uses them.
 """
 
 from __future__ import annotations
@@ -65,8 +65,6 @@ class DecodeGraphs:
     # -- host state ----------------------------------------------------------------------------------------
     def _key(self):
         cache = self.cache
-        if any(layer.is_sliding for layer in cache.layers):
-            return None  # the Triton kernels read a sliding window's query position on the host: no capture
         pk = cache.policy.graph_key(cache)
         if pk is None:
             return None

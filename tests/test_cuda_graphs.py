@@ -137,3 +137,12 @@ def test_batched_rows_replay_with_the_tokens_of_one_at_a_time(policy, monkeypatc
     assert all(r.decode_batch == 3 for r in batch) and batch[0].decode_graph_steps >= 20
     same = sum(a.token_ids == b.token_ids for a, b in zip(batch, solo))
     assert same == 3, [(a.token_ids, b.token_ids) for a, b in zip(batch, solo)]
+
+
+@cuda
+@pytest.mark.parametrize("spec", [("streaming", {"budget": 24}), ("h2o", {"budget": 24})], ids=["streaming", "h2o"])
+def test_sliding_window_models_replay_with_the_same_tokens(spec, monkeypatch):
+    model = tiny_model("gemma3", layers=3).to("cuda", torch.bfloat16)
+    eager, _, _ = _decode(model, spec, monkeypatch, graphs=False)
+    graphed, replays, _ = _decode(model, spec, monkeypatch, graphs=True)
+    assert replays >= 30 and graphed == eager

@@ -48,9 +48,10 @@ def test_every_graph_safe_policy_is_covered():
     assert safe <= {s.split("-")[0] for s in SPECS}
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 @pytest.mark.parametrize("spec", sorted(SPECS))
-def test_steps_with_one_key_issue_the_same_operations(spec):
-    model = tiny_model("qwen2", layers=3)
+def test_steps_with_one_key_issue_the_same_operations(spec, arch):
+    model = tiny_model(arch, layers=3)
     ids = torch.randint(0, 96, (120,), generator=torch.Generator().manual_seed(2)).tolist()
     s = Session(model, _Tok(), ids, make_policy(spec.split("-")[0], **SPECS[spec]), max_new_tokens=30,
                 chunk_size=32, stop_on_eos=False)

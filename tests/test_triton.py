@@ -90,6 +90,25 @@ def test_chunk_attention_sliding_window(dtype):
     _close(mass, r_mass, TOL[dtype], "mass")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_attention_sliding_window(dtype):
+    """The window's query position is read on the device (a decode step stays capturable as a CUDA graph)."""
+    from kvcascade.kernels.triton_attention import decode_attention
+
+    B, Hq, H, C, n_cached, D = 1, 4, 2, 1, 60, 32
+    q, k, v = _inputs(B, Hq, H, C, n_cached, D, dtype, seed=5)
+    seen = 500
+    k_orig = torch.cat([torch.arange(seen - n_cached, seen), torch.arange(seen, seen + C)]).to(DEV)
+    k_orig = k_orig.view(1, 1, -1).expand(B, H, -1)
+    q_orig = torch.arange(seen, seen + C, device=DEV)
+    kw = dict(scaling=D ** -0.5, q_orig=q_orig, k_orig=k_orig, window=17, need_mass=True)
+    out, mass, _ = decode_attention(q, k, v, **kw)
+    r_out, r_mass, _ = _ref(q, k, v, **kw)
+    _close(out, r_out, TOL[dtype], "out")
+    _close(mass, r_mass, TOL[dtype], "mass")
+    assert float(r_mass[..., :n_cached - 16].abs().max()) == 0.0  # the window really cut the old keys
+
+
 DEC = [(1, 4, 2, 1, 200, 16), (1, 14, 2, 1, 1000, 64), (2, 8, 2, 3, 500, 32)]
 if HAS_CUDA:
     DEC += [(1, 32, 8, 1, 131072, 128), (1, 14, 2, 1, 8192, 64), (1, 32, 8, 4, 65536, 128)]

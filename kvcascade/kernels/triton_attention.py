@@ -43,7 +43,7 @@ def _visible(offs_m, offs_n, N, n_cached, qpos0, window, kpos_ptr, HAS_WINDOW: t
 # whenever one of them changes its divisibility by 16 (seconds of compiling inside the decode loop).
 # (Strides stay specialised: their divisibility lets Triton vectorise loads; for contiguous tensors it never
 # changes, since every stride is a multiple of the head dim.)
-_VARYING = ["C", "N", "n_cached", "qpos0", "window", "Cq", "split", "n_splits", "obs_start", "rows_valid"]
+_VARYING = ["C", "N", "n_cached", "window", "Cq", "split", "n_splits", "obs_start", "rows_valid"]
 
 
 def _jit(fn):
@@ -68,8 +68,11 @@ def _online_softmax_step(s, v, m_i, l_i, acc):
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KPOS,
                 sqb, sqh, sqc, skb, skh, skn, svb, svh, svn, sob, soh, soc, slb, slh, skpb, skph,
-                Hq, C, N, n_cached, group, scale_log2, qpos0, window,
+                Hq, C, N, n_cached, group, scale_log2, QP, window,
                 HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    qpos0 = 0
+    if HAS_WINDOW:
+        qpos0 = tl.load(QP)  # the first query's original position, read on the device
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -118,9 +121,12 @@ def _fwd_kernel(Q, K, V, O, LSE, KPOS,
 @triton.jit
 def _mass_kernel(Q, K, LSE, WQ, MASS, OBS, KPOS,
                  sqb, sqh, sqc, skb, skh, skn, slb, slh, smb, smh, skpb, skph,
-                 H, C, N, n_cached, group, scale_log2, qpos0, window, obs_start,
+                 H, C, N, n_cached, group, scale_log2, QP, window, obs_start,
                  HAS_W: tl.constexpr, HAS_MASS: tl.constexpr, HAS_OBS: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    qpos0 = 0
+    if HAS_WINDOW:
+        qpos0 = tl.load(QP)
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -166,9 +172,12 @@ def _mass_kernel(Q, K, LSE, WQ, MASS, OBS, KPOS,
 @_jit
 def _decode_kernel(Q, K, V, KPOS, OP, MP, LP, SC,
                    sqb, sqh, sqc, skb, skh, skn, svb, svh, svn, skpb, skph,
-                   H, Cq, N, n_cached, group, scale_log2, qpos0, window, split, n_splits,
+                   H, Cq, N, n_cached, group, scale_log2, QP, window, split, n_splits,
                    NEED_S: tl.constexpr, HAS_WINDOW: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    qpos0 = 0
+    if HAS_WINDOW:
+        qpos0 = tl.load(QP)
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -272,6 +281,14 @@ def _kpos(k_orig, B, H, N, device):
     return kp, True
 
 
+def _qpos(q_orig, window, dummy):
+    """The first query's original position as a device tensor the kernels load (no host read: a decode step stays
+    capturable as a CUDA graph); ``dummy`` where no window is used."""
+    if window and q_orig is not None:
+        return q_orig.reshape(-1)[:1].to(torch.int32)
+    return dummy
+
+
 def _check(q, k, v):
     if not (q.is_cuda or _interpreting()):
         raise ValueError("triton kernels need CUDA tensors")
@@ -309,7 +326,7 @@ def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, 
     q, k, v = _rows(q), _rows(k), _rows(v)  # strided views of the cache's buffers are read in place
     n_cached = N - C
     kp, has_window = _kpos(k_orig if window else None, B, H, N, q.device)
-    qpos0 = int(q_orig[0]) if (window and q_orig is not None) else 0
+    qp = _qpos(q_orig, window, kp)
     win = int(window) if window else 0
     interp = _interpreting()
     fbm, fbn, fw, fs = fwd_config or FWD_CONFIG.get(D, (64, 64, 4, 3))
@@ -323,7 +340,7 @@ def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, 
                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                       v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
                       lse.stride(0), lse.stride(1), kp.stride(0), kp.stride(1),
-                      Hq, C, N, n_cached, group, scale_log2, qpos0, win,
+                      Hq, C, N, n_cached, group, scale_log2, qp, win,
                       HAS_WINDOW=has_window, BLOCK_M=BM, BLOCK_N=BN, D=D,
                       **({} if interp else {"num_warps": fw, "num_stages": fs}))
     obs_w = min(int(obs_window), C) if obs_window else 0
@@ -340,7 +357,7 @@ def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, 
     _mass_kernel[grid2](q, k, lse, wq, mass if mass is not None else ref, obs if obs is not None else ref, kp,
                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                         lse.stride(0), lse.stride(1), ref.stride(0), ref.stride(1), kp.stride(0), kp.stride(1),
-                        H, C, N, n_cached, group, scale_log2, qpos0, win, C - obs_w,
+                        H, C, N, n_cached, group, scale_log2, qp, win, C - obs_w,
                         HAS_W=need_mass and q_weights is not None, HAS_MASS=need_mass, HAS_OBS=bool(obs_w),
                         HAS_WINDOW=has_window, BLOCK_M=BM2, BLOCK_N=BN2, D=D,
                         **({} if interp else {"num_warps": mw, "num_stages": ms_}))
@@ -371,7 +388,7 @@ def decode_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None,
     BG = _pow2(group * C)
     n_cached = N - C
     kp, has_window = _kpos(k_orig if window else None, B, H, N, q.device)
-    qpos0 = int(q_orig[0]) if (window and q_orig is not None) else 0
+    qp = _qpos(q_orig, window, kp)
     split = _num_splits(N, B * H, BN, q.device, programs_per_sm or DECODE_PROGRAMS_PER_SM)
     n_splits = triton.cdiv(N, split)
     need_s = need_mass or bool(obs_window)
@@ -383,7 +400,7 @@ def decode_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None,
     _decode_kernel[(n_splits, B * H)](q, k, v, kp, op, mp, lp, sc,
                                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                                       v.stride(0), v.stride(1), v.stride(2), kp.stride(0), kp.stride(1),
-                                      H, C, N, n_cached, group, scale_log2, qpos0, int(window or 0), split, n_splits,
+                                      H, C, N, n_cached, group, scale_log2, qp, int(window or 0), split, n_splits,
                                       NEED_S=need_s, HAS_WINDOW=has_window, BLOCK_G=BG, BLOCK_N=BN, D=D,
                                       **({} if interp else {"num_warps": dw, "num_stages": ds}))
     rows = group * C
