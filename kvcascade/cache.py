@@ -40,6 +40,8 @@ from .kernels import attention_with_scores
 from .models import check_architecture, text_config
 
 ATTN_IMPLEMENTATION = "kvcascade"
+EMPTY_POS = -(2 ** 30)  # original position of a slot that holds no token (see CompressedCache.padded)
+PAD_WINDOW = 2 ** 30  # a window that hides exactly the EMPTY_POS slots from every real query
 _pending = threading.local()
 
 
@@ -197,6 +199,8 @@ class LayerCache:
     def _grow(self, cap: int) -> None:
         def bigger(buf):
             new = buf.new_zeros(*buf.shape[:2], cap, *buf.shape[3:])
+            if buf is self._pos:
+                new.fill_(EMPTY_POS)
             new[:, :, :self.n] = buf[:, :, :self.n]
             return new
 
@@ -213,7 +217,7 @@ class LayerCache:
             cap = max(need, self._reserve)
             self._k = k.new_zeros(B, H, cap, D)
             self._v = v.new_zeros(B, H, cap, v.shape[-1])
-            self._pos = torch.zeros(B, H, cap, dtype=torch.long, device=k.device)
+            self._pos = torch.full((B, H, cap), EMPTY_POS, dtype=torch.long, device=k.device)
             self._score = torch.zeros(B, H, cap, dtype=torch.float32, device=k.device)
             self.capacity = cap
             self.token_bytes = 2 * B * H * D * k.element_size()
@@ -350,6 +354,10 @@ class CompressedCache(Cache):
         self._seen_dev = None  # original position of the next token, on the device (see next_position_ids)
         self._seen_host = 0  # what the host expects _seen_dev to hold
         self.row_seen: list[int] | None = None  # batched decoding (rows of several prompts): tokens each row has seen
+        # padded decode (kvcascade.graphs, for a cache that only grows: `full`): each token is written at its slot
+        # (= its original position) through a device index and attends over the whole capacity, the empty slots
+        # hidden by their EMPTY_POS position; the step's kernels then do not depend on the token count
+        self.padded = False
         policy.setup(self)
         if policy.position_mode == "cache" and not all(
             policy.layer_budget(i, self.num_layers) == policy.layer_budget(0, self.num_layers)
@@ -494,6 +502,25 @@ class CompressedCache(Cache):
         return sum(layer.peak_bytes for layer in self.layers)
 
     # -- the attention step -------------------------------------------------------------------------------
+    def _attend_padded(self, layer, query, key_new, value_new, scaling, softcap, orig):
+        """One decode token of a cache that never evicts, written at its slot (its original position) through a
+        device index; attention over every slot, the empty ones hidden (see ``padded``)."""
+        B, H, C, D = key_new.shape
+        slot = orig[0]  # [C]: slot == original position, since nothing was ever evicted
+        layer._k.index_copy_(2, slot, key_new)
+        layer._v.index_copy_(2, slot, value_new)
+        layer._pos.index_copy_(2, slot, orig.view(-1, 1, C).expand(B, H, C).contiguous())
+        layer._score.index_fill_(2, slot, 0.0)
+        layer.n += C
+        layer.seen += C
+        P = layer.capacity
+        out, _, _ = attention_with_scores(query, layer._k[:, :, :P], layer._v[:, :, :P], scaling=scaling,
+                                          softcap=softcap, q_orig=slot, k_orig=layer._pos[:, :, :P],
+                                          window=PAD_WINDOW, need_mass=False)
+        layer.peak_tokens = max(layer.peak_tokens, len(layer))
+        layer.peak_bytes = max(layer.peak_bytes, self.policy.layer_bytes(layer))
+        return out
+
     def _key_positions(self, layer: LayerCache, q_pos0: int, orig0, C: int, device) -> torch.Tensor:
         """Rotation positions ``[B, H, N]`` of the layer's stored keys (the chunk's ``C`` last), given the first
         query's position ``q_pos0`` and its original position ``orig0`` (``[rows, 1, 1]``, on the device: no host copy)."""
@@ -519,6 +546,8 @@ class CompressedCache(Cache):
         last = self._last_ids
         mine = last is not None and last[0] is position_ids and last[2].shape[-1] == C
         orig = last[2] if mine else torch.arange(layer.seen, layer.seen + C, device=query.device).view(1, C)
+        if self.padded:
+            return self._attend_padded(layer, query, key_new, value_new, scaling, softcap, orig)
         n_cached = len(layer)
         if self.keys_rotated:  # original positions: keys keep the rotation they arrived with
             layer.append(key_new, value_new, orig)
@@ -558,6 +587,14 @@ class CompressedCache(Cache):
         else:
             policy.step(self, layer, stats)
         return out
+
+
+def _padded_ok(cache) -> bool:
+    """Whether padded decode applies: a policy that never evicts (``graph_grow``), original positions, one row, no
+    sliding-window layers, and room for one more token in every layer."""
+    return (cache.policy.graph_grow and cache.keys_rotated and cache.row_seen is None
+            and all(not layer.is_sliding and layer._k is not None and layer.n == layer.seen
+                    and layer.n + 1 <= layer.capacity for layer in cache.layers))
 
 
 def kvcascade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,

@@ -9,8 +9,10 @@ shape, every index computed from a Python integer, every branch taken. So a grap
 the policy's :meth:`~kvcascade.policies.Policy.graph_key` (``None``: this policy's decode step cannot be
 replayed now), every layer's token count, buffer address and capacity, and the policy's per-layer host state.
 In a policy's *steady state* (the cache at its budget: each token arrives and one leaves) the key repeats every
-step, and a step is replayed; while a cache grows (``full``, a prompt shorter than the budget, Locret's decode
-window filling) the key changes every step, and steps run eagerly as before. What changes every step on the
+step, and a step is replayed. A cache that only grows (``full``: ``graph_grow``) is decoded *padded*: each token
+is written at its slot through a device index and attends over the buffer's whole capacity, the empty slots
+hidden (``CompressedCache.padded``), so one graph per buffer serves every length. Other growing caches (a
+prompt shorter than the budget, Locret's decode window filling) change their key every step and run eagerly. What changes every step on the
 device (the token, the original positions) lives in device memory that the graph reads (the input token buffer,
 :class:`~kvcascade.cache.CompressedCache`'s position counter); the cache's buffers are written in place
 (:class:`~kvcascade.cache.LayerCache`), so a replay reads and writes the same memory as the capture did.
@@ -49,6 +51,7 @@ class _Entry:
     logits: torch.Tensor
     after: list  # per layer: (n, seen delta, peak_tokens, peak_bytes, state)
     seen_delta: int
+    grow: bool = False  # a padded step (the cache grows by seen_delta per replay) instead of a steady one
 
 
 class DecodeGraphs:
@@ -68,6 +71,14 @@ class DecodeGraphs:
         pk = cache.policy.graph_key(cache)
         if pk is None:
             return None
+        if cache.policy.graph_grow:  # padded decode: one graph per buffer, whatever the token count
+            from .cache import _padded_ok
+
+            if not _padded_ok(cache):
+                return None
+            dev = cache._seen_dev
+            return ("grow", pk, tuple((layer.capacity, layer._k.data_ptr()) for layer in cache.layers),
+                    None if dev is None else dev.data_ptr())
         layers = tuple((layer.n, layer.capacity, layer._k.data_ptr() if layer._k is not None else 0,
                         tuple(layer._extra), repr(layer.state)) for layer in cache.layers)
         dev = cache._seen_dev
@@ -123,6 +134,16 @@ class DecodeGraphs:
             self._fill(toks)
         entry.graph.replay()
         self.replays += 1
+        if entry.grow:
+            policy = self.cache.policy
+            for layer in self.cache.layers:
+                layer.n += entry.seen_delta
+                layer.seen += entry.seen_delta
+                layer.peak_tokens = max(layer.peak_tokens, layer.n)
+                layer.peak_bytes = max(layer.peak_bytes, policy.layer_bytes(layer))
+            self.cache._seen_host = self.cache._expected_seen()
+            self.last_key = key
+            return entry.logits[:, -1]
         for layer, (n, _, pt, pb, state) in zip(self.cache.layers, entry.after):
             layer.n = n
             layer.seen += entry.seen_delta
@@ -144,13 +165,16 @@ class DecodeGraphs:
         seen_host, row_seen = cache._seen_host, cache.row_seen
         inp = self._fill(toks)
         graph = torch.cuda.CUDAGraph()
+        grow = key[0] == "grow"
         try:
             torch.cuda.synchronize()
+            cache.padded = grow
             with torch.cuda.graph(graph):
                 out = cache.forward(self.model, inp, logits_to_keep=1)
         except Exception as e:  # noqa: BLE001 - recorded kernels never ran: restore the host state, run eagerly
             global _FAILED
             _FAILED = True
+            cache.padded = False
             _pending.item = None
             self._restore(snap)
             cache._seen_host, cache.row_seen = seen_host, row_seen
@@ -158,11 +182,12 @@ class DecodeGraphs:
             warnings.warn(f"kvcascade: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly",
                           RuntimeWarning, stacklevel=3)
             return None
+        cache.padded = False
         after = self._snapshot()
         delta = after[0][1] - snap[0][1]
         self._restore(snap)  # replay() below runs the step; step() then applies `after`
         cache._seen_host, cache.row_seen = seen_host, row_seen
-        entry = _Entry(graph, out.logits, after, delta)
+        entry = _Entry(graph, out.logits, after, delta, grow)
         self.graphs[key] = entry
         self.captures += 1
         return entry

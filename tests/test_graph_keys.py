@@ -66,8 +66,10 @@ def test_steps_with_one_key_issue_the_same_operations(spec, arch):
             tok = int(s.logits.argmax())
             s.new.append(tok)
             inp = torch.tensor([[tok]])  # a replay reads the token from a buffer filled before it
+            s.cache.padded = key is not None and key[0] == "grow"  # as a capture of that key runs (kvcascade.graphs)
             with Trace() as t:
                 s.logits = s.cache.forward(model, inp, logits_to_keep=1).logits[0, -1]
+            s.cache.padded = False
             steps += 1
             if key is None:
                 continue
@@ -76,5 +78,37 @@ def test_steps_with_one_key_issue_the_same_operations(spec, arch):
                 assert traces[key] == t.ops, "two steps with one graph key issued different operations"
             traces[key] = t.ops
     s.close()
-    if spec != "full":  # a bounded cache reaches its steady state: its key repeats
-        assert sum(1 for _ in traces) < steps
+    assert sum(1 for _ in traces) < steps  # the key repeats: a bounded cache's steady state, a padded growing one
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_padded_decode_of_a_growing_cache_gives_the_same_tokens_with_one_trace(arch):
+    """`full` decodes padded under CUDA graphs (one graph for every length): the same tokens as unpadded decoding,
+    and every padded step issues the same operations although the cache grows."""
+    from kvcascade.cache import _padded_ok
+    from kvcascade.engine import generate
+
+    model = tiny_model(arch, layers=3)
+    ids = torch.randint(0, 96, (70,), generator=torch.Generator().manual_seed(4)).tolist()
+    plain = generate(model, _Tok(), ids, policy="full", max_new_tokens=20, chunk_size=32, stop_on_eos=False)
+    s = Session(model, _Tok(), ids, make_policy("full"), max_new_tokens=20, chunk_size=32, stop_on_eos=False)
+    traces = []
+    with torch.inference_mode():
+        while s.t1 is None:
+            s.step()
+        while True:
+            tok = s._take(int(s.logits.argmax()))
+            if tok is None:
+                break
+            assert _padded_ok(s.cache)
+            inp = torch.tensor([[tok]])
+            s.cache.padded = True
+            with Trace() as t:
+                s.logits = s.cache.forward(model, inp, logits_to_keep=1).logits[0, -1]
+            s.cache.padded = False
+            traces.append(t.ops)
+            assert not FROM_HOST & {op for op, _, _ in t.ops}
+    s.close()
+    assert s.new == plain.token_ids
+    assert len(traces) >= 18 and all(tr == traces[0] for tr in traces)
+    assert s.cache.kv_tokens_peak() == len(ids) + 19

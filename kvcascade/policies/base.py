@@ -99,6 +99,9 @@ class Policy:
     #: step must issue the same kernels whenever the layers hold the same token counts and host state, and copy
     #: nothing from the host to the device
     graph_safe: ClassVar[bool] = False
+    #: a policy that never evicts and does nothing in its decode step (``full``): a growing cache's decode step can
+    #: then be captured once per buffer and replayed at every length (padded decode, see kvcascade.graphs)
+    graph_grow: ClassVar[bool] = False
 
     def graph_key(self, cache):
         """What, beyond the layers' token counts and state, decides this policy's decode step on the host (a

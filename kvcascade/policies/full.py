@@ -9,6 +9,7 @@ class Full(Policy):
 
     name = "full"
     graph_safe = True
+    graph_grow = True
 
     def step(self, cache, layer, stats) -> None:
         return None
