@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_GRAPHS = 8  # per generation; a policy whose key cycles through more runs the rest eagerly
+MAX_GRAPHS = 8  # kept per cache; capturing another drops the oldest (a batch whose rows change makes new buffers)
 _FAILED = False  # a capture failed in this process: none is tried again (a broken capture can leave CUDA state
 #                  behind, e.g. the default generator still in capture mode), every step runs eagerly
 
@@ -43,6 +43,15 @@ _FAILED = False  # a capture failed in this process: none is tried again (a brok
 def graphs_enabled(device) -> bool:
     return (torch.device(device).type == "cuda" and os.environ.get("KVCASCADE_CUDA_GRAPHS", "1") != "0"
             and not _FAILED)
+
+
+def _addresses(layer) -> tuple:
+    """Where every buffer of ``layer`` lives: a graph captured on other memory must never be replayed (a freed
+    buffer's address can come back for one buffer and not for the others)."""
+    if layer._k is None:
+        return ()
+    bufs = [layer._k, layer._v, layer._pos, layer._score, *layer._extra.values()]
+    return (tuple(layer._extra),) + tuple(b.data_ptr() for b in bufs)
 
 
 @dataclass
@@ -77,10 +86,9 @@ class DecodeGraphs:
             if not _padded_ok(cache):
                 return None
             dev = cache._seen_dev
-            return ("grow", pk, tuple((layer.capacity, layer._k.data_ptr()) for layer in cache.layers),
+            return ("grow", pk, tuple((layer.capacity, _addresses(layer)) for layer in cache.layers),
                     None if dev is None else dev.data_ptr())
-        layers = tuple((layer.n, layer.capacity, layer._k.data_ptr() if layer._k is not None else 0,
-                        tuple(layer._extra), repr(layer.state)) for layer in cache.layers)
+        layers = tuple((layer.n, layer.capacity, _addresses(layer), repr(layer.state)) for layer in cache.layers)
         dev = cache._seen_dev
         return pk, layers, None if dev is None else dev.data_ptr()
 
@@ -124,9 +132,11 @@ class DecodeGraphs:
             return self._eager(toks)
         entry = self.graphs.get(key)
         if entry is None:
-            if key != self.last_key or len(self.graphs) >= MAX_GRAPHS:
+            if key != self.last_key:  # captured the second time it is seen: the first run compiled every kernel
                 self.last_key = key
                 return self._eager(toks)
+            if len(self.graphs) >= MAX_GRAPHS:  # the oldest goes (its buffers were most likely replaced)
+                self.graphs.pop(next(iter(self.graphs)))
             entry = self._capture(key, toks)
             if entry is None:
                 return self._eager(toks)

@@ -112,3 +112,17 @@ def test_padded_decode_of_a_growing_cache_gives_the_same_tokens_with_one_trace(a
     assert s.new == plain.token_ids
     assert len(traces) >= 18 and all(tr == traces[0] for tr in traces)
     assert s.cache.kv_tokens_peak() == len(ids) + 19
+
+
+def test_a_graph_key_names_every_buffer_address():
+    from kvcascade.cache import LayerCache
+    from kvcascade.graphs import _addresses
+
+    layer = LayerCache(0, None)
+    k = torch.zeros(1, 2, 5, 4)
+    layer.append(k, k)
+    before = _addresses(layer)
+    layer._v = layer._v.clone()  # one buffer moved, the others not: a graph captured before must not match
+    assert _addresses(layer) != before
+    layer.extra["peak"] = torch.zeros(1, 2, 5)
+    assert len(_addresses(layer)) == len(before) + 1
