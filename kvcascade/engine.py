@@ -419,20 +419,22 @@ class BatchDecoder:
             self.graphs = DecodeGraphs(self.cache, self.model)
         cache = self.cache
         first = not self.sessions
+
+        def stack(b, o, n, cap):
+            new = o.new_zeros(((0 if first else b.shape[0]) + o.shape[0], *o.shape[1:2], cap, *o.shape[3:]))
+            if not first:
+                new[:b.shape[0], :, :n] = b[:, :, :n]
+            new[new.shape[0] - o.shape[0]:, :, :n] = o[:, :, :n]
+            return new
+
+        merged = []  # every layer's new buffers first, so that a failure (no memory) leaves the batch as it was
         for bl, ol in zip(cache.layers, own.layers):
-            n = ol.n
-            cap = max(bl.capacity, ol.capacity, n + 1)
-
-            def stack(b, o):
-                new = o.new_zeros(((0 if first else b.shape[0]) + o.shape[0], *o.shape[1:2], cap, *o.shape[3:]))
-                if not first:
-                    new[:b.shape[0], :, :n] = b[:, :, :n]
-                new[new.shape[0] - o.shape[0]:, :, :n] = o[:, :, :n]
-                return new
-
-            bl._k, bl._v = stack(bl._k, ol._k), stack(bl._v, ol._v)
-            bl._pos, bl._score = stack(bl._pos, ol._pos), stack(bl._score, ol._score)
-            bl._extra = {name: stack(bl._extra.get(name), t) for name, t in ol._extra.items()}
+            n, cap = ol.n, max(bl.capacity, ol.capacity, ol.n + 1)
+            bufs = [stack(getattr(bl, a), getattr(ol, a), n, cap) for a in ("_k", "_v", "_pos", "_score")]
+            merged.append((n, cap, bufs, {name: stack(bl._extra.get(name), t, n, cap) for name, t in ol._extra.items()}))
+        for bl, ol, (n, cap, bufs, extra) in zip(cache.layers, own.layers, merged):
+            bl._k, bl._v, bl._pos, bl._score = bufs
+            bl._extra = extra
             bl.n, bl.capacity = n, cap
             bl.token_bytes = (0 if first else bl.token_bytes) + ol.token_bytes
             bl.seen = max(bl.seen, ol.seen)

@@ -178,7 +178,12 @@ class Scheduler:
                 if job.session in batched.sessions:
                     continue  # decoded below, with the batch
                 if batched.compatible(job.session):
-                    batched.add(job.session)
+                    try:
+                        batched.add(job.session)
+                    except Exception as e:  # noqa: BLE001 - e.g. no memory for the batch: that request ends
+                        with self.cond:
+                            self._drop(job)
+                        job.emit("error", f"{type(e).__name__}: {e}")
                     continue
                 try:
                     done = job.session.step()
@@ -202,6 +207,7 @@ class Scheduler:
                         with self.cond:
                             if job is not None:
                                 self._drop(job)
+                            batched.remove(s)
                         if job is not None:
                             job.emit("error", f"{type(e).__name__}: {e}")
                     continue
