@@ -194,6 +194,44 @@ def test_concurrent_long_prompts_are_decoded_together(server):
     assert max(batch) >= 2, batch  # alike requests shared forwards
 
 
+def test_a_disconnect_inside_a_batch_leaves_the_other_rows_right(server):
+    import http.client
+
+    c = server["client"]
+    prompts = [" ".join(f"w{(i * 13 + j) % 60}" for j in range(45 + 2 * i)) for i in range(4)]
+    expected = [c.completions.create(model=server["model"], prompt=p, max_tokens=24, temperature=0).choices[0].text
+                for p in prompts[1:]]
+    host, port = server["base"].replace("http://", "").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)  # row 0: streams, then hangs up mid-way
+    conn.request("POST", "/v1/completions", body=json.dumps({"model": server["model"], "prompt": prompts[0],
+                                                             "max_tokens": 60, "temperature": 0, "stream": True}),
+                 headers={"Content-Type": "application/json"})
+    got, errors = [None] * 3, []
+
+    def run(i):
+        try:
+            got[i] = c.completions.create(model=server["model"], prompt=prompts[i + 1], max_tokens=24,
+                                          temperature=0).choices[0].text
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    resp = conn.getresponse()
+    for _ in range(6):  # a few events in: the rows are decoding together by now
+        resp.fp.readline()
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and got == expected
+    deadline = time.time() + 20
+    while time.time() < deadline and _get(server["base"] + "/health")["active"]:
+        time.sleep(0.2)
+    assert _get(server["base"] + "/health")["kv_reserved_bytes"] == 0
+
+
 def test_a_disconnect_mid_stream_frees_the_cache(server):
     import http.client
 
