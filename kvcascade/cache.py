@@ -250,6 +250,8 @@ class LayerCache:
             kept = [torch.gather(buf[:, :, :N], 2, idx4 if buf.dim() == 4 else idx) for buf in bufs]
         for buf, t in zip(bufs, kept):
             buf[:, :, :K] = t
+        if K < N:
+            self._pos[:, :, K:N].fill_(EMPTY_POS)  # freed slots hold no token (padded decode attends over them)
         self.n = K
 
     def keep_last(self, n: int) -> None:
@@ -358,6 +360,8 @@ class CompressedCache(Cache):
         # (= its original position) through a device index and attends over the whole capacity, the empty slots
         # hidden by their EMPTY_POS position; the step's kernels then do not depend on the token count
         self.padded = False
+        self._slot_dev = None  # padded decode with in-cache positions: the slot of the next token, on the device
+        self._slot_ids = None
         policy.setup(self)
         if policy.position_mode == "cache" and not all(
             policy.layer_budget(i, self.num_layers) == policy.layer_budget(0, self.num_layers)
@@ -460,8 +464,14 @@ class CompressedCache(Cache):
         self._seen_host = self._expected_seen(n)
         if self.row_seen is not None:
             self.row_seen = [r + n for r in self.row_seen]
-        ids = orig if self.policy.position_mode == "original" else \
-            torch.arange(start, start + n, device=device).unsqueeze(0)
+        if self.padded and self.policy.position_mode == "cache":  # slots from the device counter (see padded)
+            with torch.inference_mode():
+                self._slot_ids = self._slot_dev + torch.arange(n, device=device)
+                self._slot_dev.add_(n)
+            ids = self._slot_ids.unsqueeze(0)
+        else:
+            ids = orig if self.policy.position_mode == "original" else \
+                torch.arange(start, start + n, device=device).unsqueeze(0)
         self._last_ids = (ids, start, orig)  # attend() reads the first position from here: no device-to-host copy
         return ids
 
@@ -481,6 +491,15 @@ class CompressedCache(Cache):
             with torch.inference_mode():
                 self._seen_dev = torch.tensor(seen, dtype=torch.long, device=dev)
             self._seen_host = seen
+
+    def sync_slot_counter(self, device=None) -> None:
+        """Padded decode with in-cache positions: set the device's slot counter to the tokens held, in place (a
+        captured graph keeps reading the same counter)."""
+        n = len(self._reference_layer())
+        with torch.inference_mode():
+            if self._slot_dev is None:
+                self._slot_dev = torch.zeros((), dtype=torch.long, device=device)
+            self._slot_dev.fill_(n)
 
     def reserve(self, tokens: int, chunk: int = 0) -> None:
         """Preallocate every layer for ``tokens`` tokens (sliding layers: at most their window + ``chunk``)."""
@@ -503,20 +522,34 @@ class CompressedCache(Cache):
 
     # -- the attention step -------------------------------------------------------------------------------
     def _attend_padded(self, layer, query, key_new, value_new, scaling, softcap, orig):
-        """One decode token of a cache that never evicts, written at its slot (its original position) through a
-        device index; attention over every slot, the empty ones hidden (see ``padded``)."""
+        """One decode token of a layer that evicts nothing this step, written at its slot through a device index;
+        attention over every slot, the empty ones hidden (see ``padded``). The slot is the token's original
+        position for a cache that never evicted (``full``), else the device slot counter (in-cache positions)."""
         B, H, C, D = key_new.shape
-        slot = orig[0]  # [C]: slot == original position, since nothing was ever evicted
-        layer._k.index_copy_(2, slot, key_new)
+        P = layer.capacity
+        if self.keys_rotated:
+            slot = orig[0]  # [C]: slot == original position, since nothing was ever evicted
+            k_store, k_all = key_new, layer._k[:, :, :P]
+        else:
+            slot = self._slot_ids
+            cos, sin = self.rotary(layer.idx, slot.view(1, -1), key_new)
+            k_store = unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1))
+        layer._k.index_copy_(2, slot, k_store)
         layer._v.index_copy_(2, slot, value_new)
         layer._pos.index_copy_(2, slot, orig.view(-1, 1, C).expand(B, H, C).contiguous())
         layer._score.index_fill_(2, slot, 0.0)
+        for buf in layer._extra.values():
+            buf.index_fill_(2, slot, 0.0)
+        if not self.keys_rotated:  # every slot rotated at its slot position, the new key as it came
+            cos_c, sin_c = self.rotary(layer.idx, torch.arange(P, device=key_new.device).view(1, -1), key_new)
+            k_all = apply_rope(layer._k[:, :, :P], cos_c.unsqueeze(1), sin_c.unsqueeze(1))
+            k_all.index_copy_(2, slot, key_new)
         layer.n += C
         layer.seen += C
-        P = layer.capacity
-        out, _, _ = attention_with_scores(query, layer._k[:, :, :P], layer._v[:, :, :P], scaling=scaling,
-                                          softcap=softcap, q_orig=slot, k_orig=layer._pos[:, :, :P],
-                                          window=PAD_WINDOW, need_mass=False)
+        out, _, _ = attention_with_scores(query, k_all, layer._v[:, :, :P], scaling=scaling, softcap=softcap,
+                                          q_orig=orig[0], k_orig=layer._pos[:, :, :P], window=PAD_WINDOW,
+                                          need_mass=False)
+        self.policy.padded_step(self, layer, slot)
         layer.peak_tokens = max(layer.peak_tokens, len(layer))
         layer.peak_bytes = max(layer.peak_bytes, self.policy.layer_bytes(layer))
         return out
@@ -590,11 +623,18 @@ class CompressedCache(Cache):
 
 
 def _padded_ok(cache) -> bool:
-    """Whether padded decode applies: a policy that never evicts (``graph_grow``), original positions, one row, no
-    sliding-window layers, and room for one more token in every layer."""
-    return (cache.policy.graph_grow and cache.keys_rotated and cache.row_seen is None
-            and all(not layer.is_sliding and layer._k is not None and layer.n == layer.seen
-                    and layer.n + 1 <= layer.capacity for layer in cache.layers))
+    """Whether the next decode step can run padded: one row, no sliding-window layers, room for one more token in
+    every layer, a policy that evicts nothing at that step (:meth:`~kvcascade.policies.Policy.grows_next`), and
+    the slot known on the device (original positions: nothing ever evicted, so slot == position; in-cache
+    positions: every layer at the same count, the slot counter's)."""
+    policy, layers = cache.policy, cache.layers
+    if cache.row_seen is not None or any(layer.is_sliding or layer._k is None for layer in layers):
+        return False
+    if not all(layer.n + 1 <= layer.capacity and policy.grows_next(cache, layer) for layer in layers):
+        return False
+    if cache.keys_rotated:
+        return all(layer.n == layer.seen for layer in layers)
+    return all(layer.n == layers[0].n for layer in layers)
 
 
 def kvcascade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,

@@ -80,14 +80,14 @@ class DecodeGraphs:
         pk = cache.policy.graph_key(cache)
         if pk is None:
             return None
-        if cache.policy.graph_grow:  # padded decode: one graph per buffer, whatever the token count
-            from .cache import _padded_ok
+        from .cache import _padded_ok
 
-            if not _padded_ok(cache):
-                return None
+        if _padded_ok(cache):  # a step that only adds the token: padded, one graph per buffer whatever the count
             dev = cache._seen_dev
             return ("grow", pk, tuple((layer.capacity, _addresses(layer)) for layer in cache.layers),
                     None if dev is None else dev.data_ptr())
+        if cache.policy.graph_grow:
+            return None
         layers = tuple((layer.n, layer.capacity, _addresses(layer), repr(layer.state)) for layer in cache.layers)
         dev = cache._seen_dev
         return pk, layers, None if dev is None else dev.data_ptr()
@@ -142,6 +142,8 @@ class DecodeGraphs:
                 return self._eager(toks)
         else:
             self._fill(toks)
+            if entry.grow and not self.cache.keys_rotated:
+                self.cache.sync_slot_counter(self.model.device)  # in place: the slot this replay writes
         entry.graph.replay()
         self.replays += 1
         if entry.grow:
@@ -176,6 +178,8 @@ class DecodeGraphs:
         inp = self._fill(toks)
         graph = torch.cuda.CUDAGraph()
         grow = key[0] == "grow"
+        if grow and not cache.keys_rotated:
+            cache.sync_slot_counter(self.model.device)
         try:
             torch.cuda.synchronize()
             cache.padded = grow

@@ -57,12 +57,17 @@ def test_unsafe_steps_run_eagerly(monkeypatch):
     assert replays == 0 and graphed == eager
 
 
+GROWING = [("full", {}), ("locret", {"budget": 24, "stabilizers": 8, "local": 2, "decode_window": 60,
+                                     "heads": "random"})]
+
+
 @cuda
+@pytest.mark.parametrize("spec", GROWING, ids=[g[0] for g in GROWING])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_growing_full_cache_replays_padded(dtype, monkeypatch):
+def test_a_growing_cache_replays_padded(spec, dtype, monkeypatch):
     model = tiny_model("qwen2", layers=3).to("cuda", dtype)
-    eager, _, pos_e = _decode(model, ("full", {}), monkeypatch, graphs=False)
-    graphed, replays, pos_g = _decode(model, ("full", {}), monkeypatch, graphs=True)
+    eager, _, pos_e = _decode(model, spec, monkeypatch, graphs=False)
+    graphed, replays, pos_g = _decode(model, spec, monkeypatch, graphs=True)
     assert replays >= 30
     assert all(torch.equal(a, b) for a, b in zip(pos_e, pos_g))
     if dtype == torch.float32:

@@ -67,6 +67,8 @@ def test_steps_with_one_key_issue_the_same_operations(spec, arch):
             s.new.append(tok)
             inp = torch.tensor([[tok]])  # a replay reads the token from a buffer filled before it
             s.cache.padded = key is not None and key[0] == "grow"  # as a capture of that key runs (kvcascade.graphs)
+            if s.cache.padded and not s.cache.keys_rotated:
+                s.cache.sync_slot_counter()
             with Trace() as t:
                 s.logits = s.cache.forward(model, inp, logits_to_keep=1).logits[0, -1]
             s.cache.padded = False
@@ -81,17 +83,25 @@ def test_steps_with_one_key_issue_the_same_operations(spec, arch):
     assert sum(1 for _ in traces) < steps  # the key repeats: a bounded cache's steady state, a padded growing one
 
 
+GROWING = {"full": {}, "locret": {"budget": 24, "stabilizers": 8, "local": 2, "decode_window": 40,
+                                  "heads": "random"}}
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_padded_decode_of_a_growing_cache_gives_the_same_tokens_with_one_trace(arch):
-    """`full` decodes padded under CUDA graphs (one graph for every length): the same tokens as unpadded decoding,
-    and every padded step issues the same operations although the cache grows."""
+@pytest.mark.parametrize("policy", sorted(GROWING))
+def test_padded_decode_of_a_growing_cache_gives_the_same_tokens_with_one_trace(arch, policy):
+    """A decode step that only adds its token (`full`; Locret while its decode window fills) runs padded under
+    CUDA graphs (one graph for every length): the same tokens as unpadded decoding, and every padded step issues
+    the same operations although the cache grows."""
     from kvcascade.cache import _padded_ok
     from kvcascade.engine import generate
 
     model = tiny_model(arch, layers=3)
     ids = torch.randint(0, 96, (70,), generator=torch.Generator().manual_seed(4)).tolist()
-    plain = generate(model, _Tok(), ids, policy="full", max_new_tokens=20, chunk_size=32, stop_on_eos=False)
-    s = Session(model, _Tok(), ids, make_policy("full"), max_new_tokens=20, chunk_size=32, stop_on_eos=False)
+    plain = generate(model, _Tok(), ids, policy=policy, policy_args=GROWING[policy], max_new_tokens=20,
+                     chunk_size=32, stop_on_eos=False)
+    s = Session(model, _Tok(), ids, make_policy(policy, **GROWING[policy]), max_new_tokens=20, chunk_size=32,
+                stop_on_eos=False)
     traces = []
     with torch.inference_mode():
         while s.t1 is None:
@@ -103,6 +113,8 @@ def test_padded_decode_of_a_growing_cache_gives_the_same_tokens_with_one_trace(a
             assert _padded_ok(s.cache)
             inp = torch.tensor([[tok]])
             s.cache.padded = True
+            if not s.cache.keys_rotated:
+                s.cache.sync_slot_counter()
             with Trace() as t:
                 s.logits = s.cache.forward(model, inp, logits_to_keep=1).logits[0, -1]
             s.cache.padded = False
@@ -111,7 +123,7 @@ def test_padded_decode_of_a_growing_cache_gives_the_same_tokens_with_one_trace(a
     s.close()
     assert s.new == plain.token_ids
     assert len(traces) >= 18 and all(tr == traces[0] for tr in traces)
-    assert s.cache.kv_tokens_peak() == len(ids) + 19
+    assert all(len(layer) == (len(ids) if policy == "full" else 24 + 2) + 19 for layer in s.cache.layers)
 
 
 def test_a_graph_key_names_every_buffer_address():

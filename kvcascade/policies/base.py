@@ -108,6 +108,16 @@ class Policy:
         hashable value), or None when the step cannot be replayed (see :mod:`kvcascade.graphs`)."""
         return () if self.graph_safe else None
 
+    def grows_next(self, cache, layer) -> bool:
+        """Whether this policy's next decode step on ``layer`` only adds the token (no eviction, nothing but
+        :meth:`padded_step` to do): then it can run padded (see ``CompressedCache.padded``). Default: a policy
+        that never evicts (``graph_grow``)."""
+        return self.graph_grow
+
+    def padded_step(self, cache, layer, slot) -> None:
+        """A padded decode step's bookkeeping for the token written at ``slot`` (a device index): the padded
+        twin of :meth:`step` when :meth:`grows_next` held."""
+
     def layer_bytes(self, layer) -> int:
         """K/V bytes ``layer`` holds in this policy's storage layout (default: what its tensors take)."""
         return layer.nbytes()

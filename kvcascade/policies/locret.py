@@ -135,6 +135,16 @@ class Locret(ShareParam, Policy):
         tap.out[layer.idx].clear()
         layer.score[:, :, -n_new:] = s.transpose(1, 2)
 
+    def grows_next(self, cache, layer) -> bool:  # a decode step that evicts nothing: score the token, keep it
+        return self.decode == "grow" or len(layer) + 1 <= self.budget + self.local + self.decode_window
+
+    def padded_step(self, cache, layer, slot) -> None:
+        heads, tap = cache.aux["locret"]
+        with torch.no_grad():
+            s = heads.score(layer.idx, tap.qkv(layer.idx))  # [B, C, H]
+        tap.out[layer.idx].clear()
+        layer._score.index_copy_(2, slot, s.transpose(1, 2).to(layer._score.dtype))
+
     def step(self, cache, layer, stats) -> None:
         self._score_chunk(cache, layer, stats.n_queries)
         n = len(layer)
