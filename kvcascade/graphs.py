@@ -9,10 +9,11 @@ shape, every index computed from a Python integer, every branch taken. So a grap
 the policy's :meth:`~kvcascade.policies.Policy.graph_key` (``None``: this policy's decode step cannot be
 replayed now), every layer's token count, buffer address and capacity, and the policy's per-layer host state.
 In a policy's *steady state* (the cache at its budget: each token arrives and one leaves) the key repeats every
-step, and a step is replayed. A cache that only grows (``full``: ``graph_grow``) is decoded *padded*: each token
-is written at its slot through a device index and attends over the buffer's whole capacity, the empty slots
-hidden (``CompressedCache.padded``), so one graph per buffer serves every length. Other growing caches (a
-prompt shorter than the budget, Locret's decode window filling) change their key every step and run eagerly. What changes every step on the
+step, and a step is replayed. A step that only adds its token (``full``; Locret while its decode window fills:
+``Policy.grows_next``) is decoded *padded*: the token is written at its slot through a device index and attends
+over the buffer's whole capacity, the empty slots hidden (``CompressedCache.padded``), so one graph per buffer
+serves every length. Other growing caches (a prompt shorter than an evicting policy's budget) change their key
+every step and run eagerly. What changes every step on the
 device (the token, the original positions) lives in device memory that the graph reads (the input token buffer,
 :class:`~kvcascade.cache.CompressedCache`'s position counter); the cache's buffers are written in place
 (:class:`~kvcascade.cache.LayerCache`), so a replay reads and writes the same memory as the capture did.
