@@ -88,21 +88,6 @@ class _Extra:
     def __contains__(self, name):
         return name in self._layer._extra
 
-    def __iter__(self):
-        return iter(self._layer._extra)
-
-    def __len__(self):
-        return len(self._layer._extra)
-
-    def items(self):
-        return [(k, self[k]) for k in self._layer._extra]
-
-    def keys(self):
-        return list(self._layer._extra)
-
-    def values(self):
-        return [self[k] for k in self._layer._extra]
-
     def __setitem__(self, name, t):
         layer = self._layer
         if name not in layer._extra:

@@ -83,15 +83,13 @@ class DecodeGraphs:
             return None
         from .cache import _padded_ok
 
+        counter = None if cache._seen_dev is None else cache._seen_dev.data_ptr()
         if _padded_ok(cache):  # a step that only adds the token: padded, one graph per buffer whatever the count
-            dev = cache._seen_dev
-            return ("grow", pk, tuple((layer.capacity, _addresses(layer)) for layer in cache.layers),
-                    None if dev is None else dev.data_ptr())
+            return "grow", pk, tuple((layer.capacity, _addresses(layer)) for layer in cache.layers), counter
         if cache.policy.graph_grow:
             return None
         layers = tuple((layer.n, layer.capacity, _addresses(layer), repr(layer.state)) for layer in cache.layers)
-        dev = cache._seen_dev
-        return pk, layers, None if dev is None else dev.data_ptr()
+        return pk, layers, counter
 
     def _snapshot(self) -> list:
         return [(layer.n, layer.seen, layer.peak_tokens, layer.peak_bytes, copy.deepcopy(layer.state))
@@ -147,22 +145,15 @@ class DecodeGraphs:
                 self.cache.sync_slot_counter(self.model.device)  # in place: the slot this replay writes
         entry.graph.replay()
         self.replays += 1
-        if entry.grow:
-            policy = self.cache.policy
-            for layer in self.cache.layers:
-                layer.n += entry.seen_delta
-                layer.seen += entry.seen_delta
-                layer.peak_tokens = max(layer.peak_tokens, layer.n)
-                layer.peak_bytes = max(layer.peak_bytes, policy.layer_bytes(layer))
-            self.cache._seen_host = self.cache._expected_seen()
-            self.last_key = key
-            return entry.logits[:, -1]
-        for layer, (n, _, pt, pb, state) in zip(self.cache.layers, entry.after):
-            layer.n = n
+        cache = self.cache  # the host state the replayed step leaves
+        for layer, (n, _, pt, pb, state) in zip(cache.layers, entry.after):
             layer.seen += entry.seen_delta
+            if entry.grow:  # a padded step added its token, whatever the count was
+                layer.n += entry.seen_delta
+                pt, pb = layer.n, cache.policy.layer_bytes(layer)
+            else:
+                layer.n, layer.state = n, copy.deepcopy(state)
             layer.peak_tokens, layer.peak_bytes = max(layer.peak_tokens, pt), max(layer.peak_bytes, pb)
-            layer.state = copy.deepcopy(state)
-        cache = self.cache
         if cache.row_seen is not None:
             cache.row_seen = [r + entry.seen_delta for r in cache.row_seen]
         cache._seen_host = cache._expected_seen()
