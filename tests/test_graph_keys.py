@@ -37,6 +37,18 @@ class _Tok:
         return "".join(chr(65 + int(i) % 26) for i in ids)
 
 
+def _traced_step(s, model, tok: int, padded: bool) -> list:
+    """One decode step of session ``s`` as a capture would run it (padded or not); its operator trace."""
+    inp = torch.tensor([[tok]])  # a replay reads the token from a buffer filled before it
+    s.cache.padded = padded
+    if padded and not s.cache.keys_rotated:
+        s.cache.sync_slot_counter()
+    with Trace() as t:
+        s.logits = s.cache.forward(model, inp, logits_to_keep=1).logits[0, -1]
+    s.cache.padded = False
+    return t.ops
+
+
 SPECS = {"full": {}, "window": {"budget": 24}, "streaming": {"budget": 24}, "h2o": {"budget": 24},
          "tova": {"budget": 24}, "snapkv": {"budget": 48, "window": 8}, "pyramidkv": {"budget": 48, "window": 8},
          "locret": {"budget": 24, "stabilizers": 8, "local": 2, "decode_window": 4, "heads": "random"},
@@ -65,20 +77,14 @@ def test_steps_with_one_key_issue_the_same_operations(spec, arch):
             key = g._key()
             tok = int(s.logits.argmax())
             s.new.append(tok)
-            inp = torch.tensor([[tok]])  # a replay reads the token from a buffer filled before it
-            s.cache.padded = key is not None and key[0] == "grow"  # as a capture of that key runs (kvcascade.graphs)
-            if s.cache.padded and not s.cache.keys_rotated:
-                s.cache.sync_slot_counter()
-            with Trace() as t:
-                s.logits = s.cache.forward(model, inp, logits_to_keep=1).logits[0, -1]
-            s.cache.padded = False
+            ops = _traced_step(s, model, tok, padded=key is not None and key[0] == "grow")
             steps += 1
             if key is None:
                 continue
-            assert not FROM_HOST & {op for op, _, _ in t.ops}, "a step builds a tensor from host data"
+            assert not FROM_HOST & {op for op, _, _ in ops}, "a step builds a tensor from host data"
             if key in traces:
-                assert traces[key] == t.ops, "two steps with one graph key issued different operations"
-            traces[key] = t.ops
+                assert traces[key] == ops, "two steps with one graph key issued different operations"
+            traces[key] = ops
     s.close()
     assert sum(1 for _ in traces) < steps  # the key repeats: a bounded cache's steady state, a padded growing one
 
@@ -111,15 +117,8 @@ def test_padded_decode_of_a_growing_cache_gives_the_same_tokens_with_one_trace(a
             if tok is None:
                 break
             assert _padded_ok(s.cache)
-            inp = torch.tensor([[tok]])
-            s.cache.padded = True
-            if not s.cache.keys_rotated:
-                s.cache.sync_slot_counter()
-            with Trace() as t:
-                s.logits = s.cache.forward(model, inp, logits_to_keep=1).logits[0, -1]
-            s.cache.padded = False
-            traces.append(t.ops)
-            assert not FROM_HOST & {op for op, _, _ in t.ops}
+            traces.append(_traced_step(s, model, tok, padded=True))
+            assert not FROM_HOST & {op for op, _, _ in traces[-1]}
     s.close()
     assert s.new == plain.token_ids
     assert len(traces) >= 18 and all(tr == traces[0] for tr in traces)

@@ -146,27 +146,39 @@ def test_per_request_policy_and_seeded_sampling(server):
     assert a.choices[0].text == b.choices[0].text
 
 
+def _in_threads(fn, n: int):
+    """Start ``fn(i)`` for i < n, each in its own thread; returns ``join() -> (results, errors)``."""
+    results, errors = [None] * n, []
+
+    def run(i):
+        try:
+            results[i] = fn(i)
+        except Exception as e:  # noqa: BLE001 - reported by the test's assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+
+    def join():
+        for t in threads:
+            t.join(timeout=120)
+        return results, errors
+
+    return join
+
+
 def test_sixteen_concurrent_streams_are_correct_and_independent(server):
     c = server["client"]
     prompts = [" ".join(f"w{(i * 7 + j) % 60}" for j in range(5 + i)) for i in range(16)]
     expected = [c.completions.create(model=server["model"], prompt=p, max_tokens=10, temperature=0).choices[0].text
                 for p in prompts]
-    got = [None] * 16
-    errors = []
-
     def run(i):
-        try:
-            stream = c.completions.create(model=server["model"], prompt=prompts[i], max_tokens=10, temperature=0,
-                                          stream=True)
-            got[i] = "".join(ch.choices[0].text for ch in stream if ch.choices)
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+        stream = c.completions.create(model=server["model"], prompt=prompts[i], max_tokens=10, temperature=0,
+                                      stream=True)
+        return "".join(ch.choices[0].text for ch in stream if ch.choices)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    got, errors = _in_threads(run, 16)()
     assert not errors and got == expected
 
 
@@ -175,22 +187,13 @@ def test_concurrent_long_prompts_are_decoded_together(server):
     prompts = [" ".join(f"w{(i * 11 + j) % 60}" for j in range(40 + 3 * i)) for i in range(8)]  # past the budget
     expected = [c.completions.create(model=server["model"], prompt=p, max_tokens=12, temperature=0).choices[0].text
                 for p in prompts]
-    got, batch = [None] * 8, [0] * 8
-    errors = []
-
     def run(i):
-        try:
-            r = c.completions.create(model=server["model"], prompt=prompts[i], max_tokens=12, temperature=0)
-            got[i], batch[i] = r.choices[0].text, r.model_extra["kvcascade"]["decode_batch"]
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
+        r = c.completions.create(model=server["model"], prompt=prompts[i], max_tokens=12, temperature=0)
+        return r.choices[0].text, r.model_extra["kvcascade"]["decode_batch"]
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors and got == expected
+    results, errors = _in_threads(run, 8)()
+    assert not errors and [text for text, _ in results] == expected
+    batch = [b for _, b in results]
     assert max(batch) >= 2, batch  # alike requests shared forwards
 
 
@@ -206,25 +209,14 @@ def test_a_disconnect_inside_a_batch_leaves_the_other_rows_right(server):
     conn.request("POST", "/v1/completions", body=json.dumps({"model": server["model"], "prompt": prompts[0],
                                                              "max_tokens": 60, "temperature": 0, "stream": True}),
                  headers={"Content-Type": "application/json"})
-    got, errors = [None] * 3, []
-
-    def run(i):
-        try:
-            got[i] = c.completions.create(model=server["model"], prompt=prompts[i + 1], max_tokens=24,
-                                          temperature=0).choices[0].text
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
+    join = _in_threads(lambda i: c.completions.create(model=server["model"], prompt=prompts[i + 1], max_tokens=24,
+                                                      temperature=0).choices[0].text, 3)
     resp = conn.getresponse()
     for _ in range(6):  # a few events in: the rows are decoding together by now
         resp.fp.readline()
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
-    for t in threads:
-        t.join(timeout=120)
+    got, errors = join()
     assert not errors and got == expected
     deadline = time.time() + 20
     while time.time() < deadline and _get(server["base"] + "/health")["active"]:
