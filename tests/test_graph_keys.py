@@ -90,15 +90,18 @@ def test_steps_with_one_key_issue_the_same_operations(spec, arch):
 
 
 GROWING = {"full": {}, "locret": {"budget": 24, "stabilizers": 8, "local": 2, "decode_window": 40,
-                                  "heads": "random"}}
+                                  "heads": "random"},
+           # a prompt shorter than the budget: the cache grows until it reaches the cap
+           "streaming": {"budget": 120}, "window": {"budget": 120}, "tova": {"budget": 120},
+           "snapkv": {"budget": 120, "window": 8}}
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 @pytest.mark.parametrize("policy", sorted(GROWING))
 def test_padded_decode_of_a_growing_cache_gives_the_same_tokens_with_one_trace(arch, policy):
-    """A decode step that only adds its token (`full`; Locret while its decode window fills) runs padded under
-    CUDA graphs (one graph for every length): the same tokens as unpadded decoding, and every padded step issues
-    the same operations although the cache grows."""
+    """A decode step that only adds its token (`full`; Locret while its decode window fills; a policy below its
+    budget) runs padded under CUDA graphs (one graph for every length): the same tokens as unpadded decoding, and
+    every padded step issues the same operations although the cache grows."""
     from kvcascade.cache import _padded_ok
     from kvcascade.engine import generate
 
@@ -122,7 +125,29 @@ def test_padded_decode_of_a_growing_cache_gives_the_same_tokens_with_one_trace(a
     s.close()
     assert s.new == plain.token_ids
     assert len(traces) >= 18 and all(tr == traces[0] for tr in traces)
-    assert all(len(layer) == (len(ids) if policy == "full" else 24 + 2) + 19 for layer in s.cache.layers)
+    assert all(len(layer) == (24 + 2 if policy == "locret" else len(ids)) + 19 for layer in s.cache.layers)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "tova", "snapkv"])
+def test_a_cache_at_its_cap_stops_growing_padded(policy):
+    """Padded decoding ends where the cap is: the step that would pass it runs the policy's own (evicting) step."""
+    from kvcascade.cache import _padded_ok
+
+    model = tiny_model("qwen2", layers=2)
+    ids = torch.randint(0, 96, (60,), generator=torch.Generator().manual_seed(5)).tolist()
+    args = {"budget": 64, **({"window": 8} if policy == "snapkv" else {})}
+    s = Session(model, _Tok(), ids, make_policy(policy, **args), max_new_tokens=10, chunk_size=32, stop_on_eos=False)
+    seen = []
+    with torch.inference_mode():
+        while s.t1 is None:
+            s.step()
+        while len(s.new) < 9:
+            seen.append((len(s.cache.layers[0]), _padded_ok(s.cache)))
+            s.new.append(int(s.logits.argmax()))
+            _traced_step(s, model, s.new[-1], padded=seen[-1][1])
+    s.close()
+    n0 = seen[0][0]
+    assert n0 < 63 and seen == [(min(n0 + i, 64), n0 + i < 64) for i in range(len(seen))]
 
 
 def test_a_graph_key_names_every_buffer_address():
