@@ -531,10 +531,12 @@ class CompressedCache(Cache):
             k_all.index_copy_(2, slot, key_new)
         layer.n += C
         layer.seen += C
-        out, _, _ = attention_with_scores(query, k_all, layer._v[:, :, :P], scaling=scaling, softcap=softcap,
-                                          q_orig=orig[0], k_orig=layer._pos[:, :, :P], window=PAD_WINDOW,
-                                          need_mass=False)
-        self.policy.padded_step(self, layer, slot)
+        need = self.policy.padded_mass
+        out, mass, _ = attention_with_scores(query, k_all, layer._v[:, :, :P], scaling=scaling, softcap=softcap,
+                                             q_orig=orig[0], k_orig=layer._pos[:, :, :P], window=PAD_WINDOW,
+                                             need_mass=need,
+                                             q_weights=self.policy.query_weights(C, query.device) if need else None)
+        self.policy.padded_step(self, layer, slot, mass)
         layer.peak_tokens = max(layer.peak_tokens, len(layer))
         layer.peak_bytes = max(layer.peak_bytes, self.policy.layer_bytes(layer))
         return out

@@ -59,7 +59,8 @@ def test_unsafe_steps_run_eagerly(monkeypatch):
 
 GROWING = [("full", {}), ("locret", {"budget": 24, "stabilizers": 8, "local": 2, "decode_window": 60,
                                      "heads": "random"}),
-           ("streaming", {"budget": 400}), ("tova", {"budget": 400}), ("snapkv", {"budget": 400, "window": 8})]
+           ("streaming", {"budget": 400}), ("tova", {"budget": 400}), ("snapkv", {"budget": 400, "window": 8}),
+           ("h2o", {"budget": 400})]
 
 
 @cuda

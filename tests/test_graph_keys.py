@@ -92,7 +92,7 @@ def test_steps_with_one_key_issue_the_same_operations(spec, arch):
 GROWING = {"full": {}, "locret": {"budget": 24, "stabilizers": 8, "local": 2, "decode_window": 40,
                                   "heads": "random"},
            # a prompt shorter than the budget: the cache grows until it reaches the cap
-           "streaming": {"budget": 120}, "window": {"budget": 120}, "tova": {"budget": 120},
+           "streaming": {"budget": 120}, "window": {"budget": 120}, "tova": {"budget": 120}, "h2o": {"budget": 120},
            "snapkv": {"budget": 120, "window": 8}}
 
 
@@ -128,7 +128,7 @@ def test_padded_decode_of_a_growing_cache_gives_the_same_tokens_with_one_trace(a
     assert all(len(layer) == (24 + 2 if policy == "locret" else len(ids)) + 19 for layer in s.cache.layers)
 
 
-@pytest.mark.parametrize("policy", ["streaming", "tova", "snapkv"])
+@pytest.mark.parametrize("policy", ["streaming", "tova", "snapkv", "h2o"])
 def test_a_cache_at_its_cap_stops_growing_padded(policy):
     """Padded decoding ends where the cap is: the step that would pass it runs the policy's own (evicting) step."""
     from kvcascade.cache import _padded_ok
@@ -162,3 +162,32 @@ def test_a_graph_key_names_every_buffer_address():
     assert _addresses(layer) != before
     layer.extra["peak"] = torch.zeros(1, 2, 5)
     assert len(_addresses(layer)) == len(before) + 1
+
+
+def test_padded_h2o_accumulates_the_same_scores_and_keeps_the_same_tokens():
+    """H2O's padded steps add the query's attention mass over every slot: once the cache reaches its budget and
+    evicts by those scores, it keeps what unpadded decoding keeps."""
+    from kvcascade.cache import _padded_ok
+
+    model = tiny_model("qwen2", layers=2)
+    ids = torch.randint(0, 96, (56,), generator=torch.Generator().manual_seed(6)).tolist()
+    ends = []
+    for use_padded in (False, True):
+        s = Session(model, _Tok(), ids, make_policy("h2o", budget=64), max_new_tokens=16, chunk_size=32,
+                    stop_on_eos=False)
+        padded_steps = 0
+        with torch.inference_mode():
+            while s.t1 is None:
+                s.step()
+            while len(s.new) < 15:
+                ok = use_padded and _padded_ok(s.cache)
+                padded_steps += ok
+                s.new.append(int(s.logits.argmax()))
+                _traced_step(s, model, s.new[-1], padded=ok)
+        ends.append((list(s.new), [layer.pos.clone() for layer in s.cache.layers],
+                     [layer.score.clone() for layer in s.cache.layers], padded_steps))
+        s.close()
+    (tok_a, pos_a, sc_a, _), (tok_b, pos_b, sc_b, n_padded) = ends
+    assert n_padded >= 5 and tok_a == tok_b
+    assert all(torch.equal(a, b) for a, b in zip(pos_a, pos_b))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(sc_a, sc_b))

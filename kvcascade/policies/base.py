@@ -122,9 +122,13 @@ class Policy:
             return cap is None or len(layer) + 1 <= cap
         return self.graph_grow
 
-    def padded_step(self, cache, layer, slot) -> None:
+    #: a padded decode step needs the attention mass of the query over every slot (``[B, H, capacity]``, zero on
+    #: empty slots), passed to :meth:`padded_step` as ``mass``
+    padded_mass: ClassVar[bool] = False
+
+    def padded_step(self, cache, layer, slot, mass=None) -> None:
         """A padded decode step's bookkeeping for the token written at ``slot`` (a device index): the padded
-        twin of :meth:`step` when :meth:`grows_next` held."""
+        twin of :meth:`step` when :meth:`grows_next` held (``mass``: see ``padded_mass``)."""
 
     def layer_bytes(self, layer) -> int:
         """K/V bytes ``layer`` holds in this policy's storage layout (default: what its tensors take)."""

@@ -138,7 +138,7 @@ class Locret(ShareParam, Policy):
     def grows_next(self, cache, layer) -> bool:  # a decode step that evicts nothing: score the token, keep it
         return self.decode == "grow" or len(layer) + 1 <= self.budget + self.local + self.decode_window
 
-    def padded_step(self, cache, layer, slot) -> None:
+    def padded_step(self, cache, layer, slot, mass=None) -> None:
         heads, tap = cache.aux["locret"]
         with torch.no_grad():
             s = heads.score(layer.idx, tap.qkv(layer.idx))  # [B, C, H]
