@@ -12,13 +12,15 @@ In a policy's *steady state* (the cache at its budget: each token arrives and on
 step, and a step is replayed. A step that only adds its token (``full``; Locret while its decode window fills:
 ``Policy.grows_next``) is decoded *padded*: the token is written at its slot through a device index and attends
 over the buffer's whole capacity, the empty slots hidden (``CompressedCache.padded``), so one graph per buffer
-serves every length. Other growing caches (a prompt shorter than an evicting policy's budget) change their key
-every step and run eagerly. What changes every step on the
+serves every length; so is a step of a policy that does nothing below its cap while the cache is under it
+(``Policy.idle_below_cap``: a prompt shorter than the budget). What changes every step on the
 device (the token, the original positions) lives in device memory that the graph reads (the input token buffer,
 :class:`~kvcascade.cache.CompressedCache`'s position counter); the cache's buffers are written in place
 (:class:`~kvcascade.cache.LayerCache`), so a replay reads and writes the same memory as the capture did.
 
-A key is captured the second time it is seen (the first run compiles every kernel eagerly), and a replay then
+A key is captured the second time it is seen among the last ``SEEN_KEYS`` keys (the first run compiles every
+kernel eagerly; a policy whose step cycles through a few keys, like the cascade's schedule, is captured once per
+key of the cycle), and a replay then
 sets the host state to what the capture left (token counts, policy state; ``seen`` advanced by the step). If a
 capture fails, the host state is restored, graphs are turned off for the rest of the process with one warning
 (a failed capture can leave CUDA state behind: the default CUDA generator stays in capture mode, so later draws
@@ -31,14 +33,46 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-MAX_GRAPHS = 8  # kept per cache; capturing another drops the oldest (a batch whose rows change makes new buffers)
+MAX_GRAPHS = 16  # kept per cache; capturing another drops the oldest (a batch whose rows change makes new buffers)
+SEEN_KEYS = 64  # keys remembered (each seen once, run eagerly); a key seen again among them is captured
 _FAILED = False  # a capture failed in this process: none is tried again (a broken capture can leave CUDA state
 #                  behind, e.g. the default generator still in capture mode), every step runs eagerly
+
+
+_host = threading.local()  # .on: inside host_only(); .baked: a list that records baked() values (the CPU guard's)
+
+
+@contextmanager
+def host_only():
+    """Marks a decode step's work on host (CPU) tensors, e.g. the cascade's slot schedule: a CUDA graph does not
+    record it, so it may differ between steps with one key, as long as what it hands to the device is fixed by the
+    key: as Python numbers (arguments the graph records) or through :func:`baked`. ``tests/test_graph_keys.py``
+    traces a step's operators on CPU, leaving out what runs here."""
+    prev = getattr(_host, "on", False)
+    _host.on = True
+    try:
+        yield
+    finally:
+        _host.on = prev
+
+
+def in_host_only() -> bool:
+    return getattr(_host, "on", False)
+
+
+def baked(value) -> None:
+    """Declares a host value a captured step uses as a device constant (made once per value): two steps with one
+    graph key must bake the same values (the CPU guard records them beside the operators)."""
+    sink = getattr(_host, "baked", None)
+    if sink is not None:
+        sink.append(("baked", value))
 
 
 def graphs_enabled(device) -> bool:
@@ -71,7 +105,7 @@ class DecodeGraphs:
         self.cache, self.model = cache, model
         self.enabled = graphs_enabled(model.device)
         self.graphs: dict = {}
-        self.last_key = None
+        self.seen: dict = {}  # keys seen once (insertion order: the oldest is forgotten first)
         self.tok = {}  # rows -> the input buffer [rows, 1] the graphs read
         self.replays = self.captures = self.eager = 0
 
@@ -131,8 +165,10 @@ class DecodeGraphs:
             return self._eager(toks)
         entry = self.graphs.get(key)
         if entry is None:
-            if key != self.last_key:  # captured the second time it is seen: the first run compiled every kernel
-                self.last_key = key
+            if key not in self.seen:  # captured the second time it is seen: the first run compiled every kernel
+                if len(self.seen) >= SEEN_KEYS:
+                    self.seen.pop(next(iter(self.seen)))
+                self.seen[key] = True
                 return self._eager(toks)
             if len(self.graphs) >= MAX_GRAPHS:  # the oldest goes (its buffers were most likely replaced)
                 self.graphs.pop(next(iter(self.graphs)))
@@ -157,7 +193,6 @@ class DecodeGraphs:
         if cache.row_seen is not None:
             cache.row_seen = [r + entry.seen_delta for r in cache.row_seen]
         cache._seen_host = cache._expected_seen()
-        self.last_key = key
         return entry.logits[:, -1]
 
     def _capture(self, key, toks: list[int]):

@@ -5,7 +5,7 @@ import torch
 
 from kvcascade.engine import Session
 from kvcascade.graphs import DecodeGraphs
-from kvcascade.policies import make_policy
+from kvcascade.policies import REGISTRY, make_policy
 from kvcascade.policies.streaming import Streaming
 
 from .conftest import tiny_model
@@ -49,11 +49,31 @@ def test_graphs_replay_the_steady_state_with_the_same_tokens(spec, monkeypatch):
         assert torch.equal(a, b)  # the same tokens kept, in the same slots
 
 
+CASCADES = [("cascade", {"budget": 32}), ("cascade", {"budget": 32, "rule": "fixed"}),
+            ("cascade", {"budget": 48, "block": 4, "cascades": 2})]
+
+
+@cuda
+@pytest.mark.parametrize("spec", CASCADES, ids=["paper", "fixed", "block4"])
+def test_the_cascade_schedule_cycle_replays_with_the_same_tokens(spec, monkeypatch):
+    """The cascade's step cycles through a few graph keys (its schedule's period): each is captured the second time
+    it comes round, and the replays keep the eager tokens, in the same slots."""
+    model = tiny_model("qwen2", layers=3).to("cuda", torch.bfloat16)
+    eager, none, pos_e = _decode(model, spec, monkeypatch, graphs=False, new=60)
+    graphed, replays, pos_g = _decode(model, spec, monkeypatch, graphs=True, new=60)
+    assert none == 0 and replays >= 25, replays  # 59 steps: one cycle (8 keys) eager, the next ones replayed
+    assert graphed == eager
+    assert all(torch.equal(a, b) for a, b in zip(pos_e, pos_g))
+
+
 @cuda
 def test_unsafe_steps_run_eagerly(monkeypatch):
+    """A policy that does not opt in (``graph_safe``; here `window` with it turned off) never replays."""
     model = tiny_model("qwen2", layers=3).to("cuda", torch.bfloat16)
-    eager, _, _ = _decode(model, ("cascade", {"budget": 32}), monkeypatch, graphs=False)
-    graphed, replays, _ = _decode(model, ("cascade", {"budget": 32}), monkeypatch, graphs=True)
+    spec = ("window", {"budget": 32})
+    monkeypatch.setattr(REGISTRY["window"], "graph_safe", False)
+    eager, _, _ = _decode(model, spec, monkeypatch, graphs=False)
+    graphed, replays, _ = _decode(model, spec, monkeypatch, graphs=True)
     assert replays == 0 and graphed == eager
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kvcascade import graphs
 from kvcascade.engine import Session
 from kvcascade.policies import REGISTRY, make_policy
 
@@ -16,11 +17,26 @@ FROM_HOST = {"aten.lift_fresh.default", "aten.lift_fresh_copy.default", "aten._l
 
 
 class Trace(TorchDispatchMode):
+    """Records a step's operators with their shapes and non-tensor arguments, and the host values it bakes into
+    device constants (``graphs.baked``); work marked ``graphs.host_only`` (host tensors, never recorded by a graph)
+    is left out."""
+
     def __init__(self):
         super().__init__()
         self.ops = []
 
+    def __enter__(self):
+        graphs._host.baked = self.ops
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        graphs._host.baked = None
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if graphs.in_host_only():
+            return func(*args, **(kwargs or {}))
+
         def sig(a):
             if isinstance(a, torch.Tensor):
                 return ("T", tuple(a.shape), str(a.dtype))
@@ -52,7 +68,10 @@ def _traced_step(s, model, tok: int, padded: bool) -> list:
 SPECS = {"full": {}, "window": {"budget": 24}, "streaming": {"budget": 24}, "h2o": {"budget": 24},
          "tova": {"budget": 24}, "snapkv": {"budget": 48, "window": 8}, "pyramidkv": {"budget": 48, "window": 8},
          "locret": {"budget": 24, "stabilizers": 8, "local": 2, "decode_window": 4, "heads": "random"},
-         "h2o-share": {"budget": 24, "share": "all"}}
+         "h2o-share": {"budget": 24, "share": "all"}, "cascade": {"budget": 24},
+         "cascade-block": {"budget": 40, "block": 4, "cascades": 2}, "cascade-fixed": {"budget": 24, "rule": "fixed"},
+         "cascade-options": {"budget": 40, "block": 4, "cascades": 2, "select": "peak", "recenter": True,
+                             "share": "all"}}
 
 
 def test_every_graph_safe_policy_is_covered():
@@ -68,6 +87,7 @@ def test_steps_with_one_key_issue_the_same_operations(spec, arch):
     s = Session(model, _Tok(), ids, make_policy(spec.split("-")[0], **SPECS[spec]), max_new_tokens=30,
                 chunk_size=32, stop_on_eos=False)
     traces: dict = {}
+    once: set = set()
     steps = 0
     with torch.inference_mode():
         while s.t1 is None:  # prefill
@@ -81,12 +101,16 @@ def test_steps_with_one_key_issue_the_same_operations(spec, arch):
             steps += 1
             if key is None:
                 continue
-            assert not FROM_HOST & {op for op, _, _ in ops}, "a step builds a tensor from host data"
+            if key not in once:  # a key's first step runs eagerly (it may make device constants); capture is later
+                once.add(key)
+                continue
+            assert not FROM_HOST & {op[0] for op in ops}, "a step builds a tensor from host data"
             if key in traces:
                 assert traces[key] == ops, "two steps with one graph key issued different operations"
             traces[key] = ops
     s.close()
-    assert sum(1 for _ in traces) < steps  # the key repeats: a bounded cache's steady state, a padded growing one
+    if once:  # (none: this setting never replays, e.g. `full` beside sliding-window layers)
+        assert traces and len(once) < steps  # keys repeat: a bounded cache's steady state (or cycle), a padded growth
 
 
 GROWING = {"full": {}, "locret": {"budget": 24, "stabilizers": 8, "local": 2, "decode_window": 40,
@@ -121,7 +145,7 @@ def test_padded_decode_of_a_growing_cache_gives_the_same_tokens_with_one_trace(a
                 break
             assert _padded_ok(s.cache)
             traces.append(_traced_step(s, model, tok, padded=True))
-            assert not FROM_HOST & {op for op, _, _ in traces[-1]}
+            assert not FROM_HOST & {op[0] for op in traces[-1]}
     s.close()
     assert s.new == plain.token_ids
     assert len(traces) >= 18 and all(tr == traces[0] for tr in traces)

@@ -58,6 +58,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import KVCascadeError
+from ..graphs import baked, host_only
 from .base import Policy, register
 from .share import SHARE_DOCS, SHARE_PARAMS, ShareParam
 
@@ -100,6 +101,31 @@ class Cascade(ShareParam, Policy):
             "select": "ema (the paper: competitions compare current EMA scores) or peak (ours: the highest EMA "
                       "score a token has had, at stride ends)", **SHARE_DOCS}
     needs_mass = True
+    graph_safe = True  # the schedule's host decisions are in graph_key; its index tensors are device constants
+    batchable = False  # the schedule follows each sequence's own arrival times: rows of one batch would differ
+
+    def graph_key(self, cache):
+        """A decode step's slot schedule (which cascade is due, what merges, what is pushed on) depends on host
+        integers only: the layers' unit counts and unfinished block (their state, part of every key anyway), the
+        arrival time modulo the slowest cascade's period, and, while the cascades fill (``eager_fill``), the
+        arrival time itself. With ``cascades=4`` and ``block=1`` a steady decode cycles through 8 keys."""
+        t = cache.layers[0].seen - self.sinks
+        fill = max(0, min(t, self.block * (self.cascades * self.units + 2)))  # exact until every cascade is full
+        return (t % (self.block * self.every(self.cascades - 1)), fill)
+
+    def _on_device(self, t: torch.Tensor, dev) -> torch.Tensor:
+        """``t`` (a small host tensor of the schedule) as a device tensor made once per value: a step replayed
+        as a CUDA graph copies nothing from the host (its first, eager run made the constant)."""
+        if t.numel() > 64:  # a prompt chunk's schedule: never replayed, copied as it comes
+            return t.to(dev, non_blocking=True)
+        consts = self.__dict__.setdefault("_consts", {})
+        key = (str(dev), tuple(t.tolist()))
+        baked(key[1])
+        if key not in consts:
+            if len(consts) >= 1024:
+                consts.clear()
+            consts[key] = t.to(dev)
+        return consts[key]
 
     def validate(self) -> None:
         super().validate()
@@ -213,7 +239,8 @@ class Cascade(ShareParam, Policy):
         # are picked on the device. No host synchronisation.
         offers = (r0 + b * torch.arange(n_blocks, device=dev)).view(1, -1).expand(R, -1)
         t0 = layer.seen - (n - r0) - S  # arrival index (after the sinks) of the token at r0; a multiple of b
-        times = t0 // b + torch.arange(n_blocks)  # CPU
+        with host_only():
+            times = t0 // b + torch.arange(n_blocks)  # CPU
         starts = [0] * C  # pool index of the first token of cascade i
         s0 = n_sink_before
         for i in reversed(range(C)):
@@ -227,22 +254,21 @@ class Cascade(ShareParam, Policy):
             if m == 0:
                 kept[i] = existing
                 continue
-            due = (times % self.every(i)) == 0
-            if self.eager_fill:
-                due = due | (times < C * W)
-            creates = due.clone()
-            if k == 0:
-                creates[0] = True
-            gid = torch.cumsum(creates.long(), 0) - 1  # -1: merges into cascade i's most recent slot
-            n_new = int(creates.sum())
-            merge = k > 0 and not bool(creates[0])
-            if merge:
-                cand = torch.cat([existing[:, -1:], offers], dim=1)
-                cgid = torch.cat([torch.full((1,), -1, dtype=torch.long), gid]) + 1
-                n_groups = n_new + 1
-            else:
-                cand, cgid, n_groups = offers, gid, n_new
-            cgid = cgid.to(dev, non_blocking=True)
+            with host_only():  # the schedule, on host tensors (a replayed graph holds its outcome, see graph_key)
+                due = (times % self.every(i)) == 0
+                if self.eager_fill:
+                    due = due | (times < C * W)
+                creates = due.clone()
+                if k == 0:
+                    creates[0] = True
+                gid = torch.cumsum(creates.long(), 0) - 1  # -1: merges into cascade i's most recent slot
+                n_new = int(creates.sum())
+                merge = k > 0 and not bool(creates[0])
+                cgid = torch.cat([torch.full((1,), -1, dtype=torch.long), gid]) + 1 if merge else gid
+                n_groups = n_new + 1 if merge else n_new
+                create_times = times[creates]
+            cand = torch.cat([existing[:, -1:], offers], dim=1) if merge else offers
+            cgid = self._on_device(cgid, dev)
             if self.rule == "ema":
                 pick = segment_last_argmax(row_scores.gather(1, cand), cgid, n_groups)
             else:  # v1: the token that opened the group (or the incumbent) keeps the slot
@@ -253,16 +279,17 @@ class Cascade(ShareParam, Policy):
             if self.recenter:
                 winners = self._recenter(cand, cgid, pick, winners, rc)
             slots = torch.cat([existing[:, :-1] if merge else existing, winners], dim=1)
-            create_times = times[creates]
             total = slots.shape[1]
             if total > W:
                 n_evict = total - W
-                # slot W + e pushes out slot e when it is created
-                evict_times = create_times[W + torch.arange(n_evict) - (total - n_new)]
-                offers, times = slots[:, :n_evict], evict_times
+                with host_only():  # slot W + e pushes out slot e when it is created
+                    times = create_times[W + torch.arange(n_evict) - (total - n_new)]
+                offers = slots[:, :n_evict]
                 slots = slots[:, n_evict:]
             else:
-                offers, times = slots[:, :0], times[:0]
+                offers = slots[:, :0]
+                with host_only():
+                    times = times[:0]
             kept[i] = slots
             counts[i] = slots.shape[1]
         layer.state["pending"] = new_pending
