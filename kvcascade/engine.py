@@ -398,7 +398,7 @@ class BatchDecoder:
 
     def compatible(self, session: Session) -> bool:
         c = session.cache
-        if not (session.decoding and session.policy.graph_safe and getattr(session.policy, "batchable", True)
+        if not (session.decoding and session.policy.graph_safe and session.policy.batchable
                 and session.model is self.model
                 and not any(layer.is_sliding for layer in c.layers)
                 and all(layer._k is not None for layer in c.layers)):

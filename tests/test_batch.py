@@ -59,6 +59,16 @@ def test_rows_that_cannot_join_run_alone_with_the_same_answers():
     assert [r.decode_batch for r in batch] == [1, 1, 1]
 
 
+def test_cascade_rows_run_alone_with_the_same_answers():
+    """The cascade's schedule follows each sequence's arrival times, so its rows are never batched (``batchable``)."""
+    kw = dict(policy="cascade", budget=24, max_new_tokens=6, chunk_size=16, stop_on_eos=False)
+    prompts = [PROMPTS[0], PROMPTS[0][:-3] + [5, 6, 7]]  # same length, same cache sizes: alike but for their tokens
+    solo = _solo(prompts, **kw)
+    batch = generate(MODEL, _Tok(), prompts, **kw)
+    assert [r.token_ids for r in batch] == [r.token_ids for r in solo]
+    assert [r.decode_batch for r in batch] == [1, 1]
+
+
 def test_rows_finish_at_different_times():
     kw = dict(policy="streaming", budget=24, max_new_tokens=15, chunk_size=16, stop_on_eos=True)
     solo = _solo(PROMPTS, **kw)

@@ -99,6 +99,9 @@ class Policy:
     #: step must issue the same kernels whenever the layers hold the same token counts and host state, and copy
     #: nothing from the host to the device
     graph_safe: ClassVar[bool] = False
+    #: whether sessions of this policy may decode as rows of one batch (``engine.BatchDecoder``; also needs
+    #: ``graph_safe``): not when a step's decisions follow each sequence's own arrival times (the cascade)
+    batchable: ClassVar[bool] = True
     #: a policy that never evicts and does nothing in its decode step (``full``): a growing cache's decode step can
     #: then be captured once per buffer and replayed at every length (padded decode, see kvcascade.graphs)
     graph_grow: ClassVar[bool] = False
