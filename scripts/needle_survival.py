@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--samples", type=int, default=10, help="depths (i + 0.5) / samples, i = 0..samples-1")
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="", help="sample indices to run, comma-separated (default: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="needle_survival.jsonl")
     a = ap.parse_args()
@@ -47,7 +48,10 @@ def main():
         for line in open(a.out):
             r = json.loads(line)
             done.add((r["policy"], r["sample"]))
+    only = {int(x) for x in a.only.split(",") if x.strip()}
     for i in range(a.samples):
+        if only and i not in only:
+            continue
         depth = round((i + 0.5) / a.samples, 4)
         s = make_sample("passkey", tok, a.length, depth, seed=a.seed * 1000 + i)
         ids = tokenize(tok, s.prompt)
