@@ -122,8 +122,8 @@ class Cascade(ShareParam, Policy):
         key = (str(dev), tuple(t.tolist()))
         baked(key[1])
         if key not in consts:
-            if len(consts) >= 1024:
-                consts.clear()
+            if len(consts) >= 4096:  # never dropped (a captured graph may read one): beyond this, copied each time
+                return t.to(dev, non_blocking=True)  # (inside a capture that fails it, and the step runs eagerly)
             consts[key] = t.to(dev)
         return consts[key]
 
