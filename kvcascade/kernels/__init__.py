@@ -84,16 +84,16 @@ def backend_for(q, softcap=None) -> str:
         raise KVCascadeError(f"KVCASCADE_KERNELS must be auto, reference or triton, got '{choice}'")
     if choice == "reference":
         return "reference"
-    ok = (q.is_cuda and _have_triton() and softcap is None and q.shape[-1] in TRITON_HEAD_DIMS
-          and q.dtype in (torch.float16, torch.bfloat16))  # fp32 stays exact on the reference path
-    if choice == "triton" and not ok:
-        from ..errors import KVCascadeError
+    runnable = (q.is_cuda and _have_triton() and softcap is None and q.shape[-1] in (*TRITON_HEAD_DIMS, 256)
+                and q.dtype in (torch.float16, torch.bfloat16))  # fp32 stays exact on the reference path
+    if choice == "triton":  # head dim 256 too, on request (see TRITON_HEAD_DIMS)
+        if not runnable:
+            from ..errors import KVCascadeError
 
-        if not (q.is_cuda and _have_triton() and softcap is None and q.shape[-1] == 256):
             raise KVCascadeError("KVCASCADE_KERNELS=triton needs CUDA tensors, triton, no softcap and a power-of-two "
                                  "head dim")
-        ok = True  # head dim 256 on request (see TRITON_HEAD_DIMS)
-    return "triton" if ok else "reference"
+        return "triton"
+    return "triton" if runnable and q.shape[-1] in TRITON_HEAD_DIMS else "reference"
 
 
 def attention_with_scores(q, k, v, *, scaling, softcap=None, q_orig=None, k_orig=None, window=None,
