@@ -13,7 +13,7 @@ step, and a step is replayed. A step that only adds its token (``full``; Locret 
 ``Policy.grows_next``) is decoded *padded*: the token is written at its slot through a device index and attends
 over the buffer's whole capacity, the empty slots hidden (``CompressedCache.padded``), so one graph per buffer
 serves every length; so is a step of a policy that does nothing below its cap while the cache is under it
-(``Policy.idle_below_cap``: a prompt shorter than the budget). What changes every step on the
+(``Policy.grows_below_cap``: a prompt shorter than the budget). What changes every step on the
 device (the token, the original positions) lives in device memory that the graph reads (the input token buffer,
 :class:`~kvcascade.cache.CompressedCache`'s position counter); the cache's buffers are written in place
 (:class:`~kvcascade.cache.LayerCache`), so a replay reads and writes the same memory as the capture did.

@@ -105,10 +105,10 @@ class Policy:
     #: a policy that never evicts and does nothing in its decode step (``full``): a growing cache's decode step can
     #: then be captured once per buffer and replayed at every length (padded decode, see kvcascade.graphs)
     graph_grow: ClassVar[bool] = False
-    #: a policy whose decode step does nothing while the layer holds at most :meth:`layer_cap` tokens (it only
-    #: evicts beyond the cap; no per-token bookkeeping): below the cap a decode step only adds the token, so a
-    #: prompt shorter than the budget decodes padded under CUDA graphs until the cache reaches the cap
-    idle_below_cap: ClassVar[bool] = False
+    #: a policy that evicts only beyond :meth:`layer_cap`: below the cap a decode step only adds the token (and
+    #: whatever :meth:`padded_step` does), so a prompt shorter than the budget decodes padded under CUDA graphs
+    #: until the cache reaches the cap
+    grows_below_cap: ClassVar[bool] = False
 
     def graph_key(self, cache):
         """What, beyond the layers' token counts and state, decides this policy's decode step on the host (a
@@ -118,9 +118,9 @@ class Policy:
     def grows_next(self, cache, layer) -> bool:
         """Whether this policy's next decode step on ``layer`` only adds the token (no eviction, nothing but
         :meth:`padded_step` to do): then it can run padded (see ``CompressedCache.padded``). Default: a policy
-        that never evicts (``graph_grow``), or one that is idle below its cap (``idle_below_cap``) with room
+        that never evicts (``graph_grow``), or one that grows below its cap (``grows_below_cap``) with room
         for the token under the cap."""
-        if self.idle_below_cap:
+        if self.grows_below_cap:
             cap = self.layer_cap(cache, layer)
             return cap is None or len(layer) + 1 <= cap
         return self.graph_grow

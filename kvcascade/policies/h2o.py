@@ -30,10 +30,8 @@ class H2O(ShareParam, PositionsParam, Policy):
 
             raise KVCascadeError(f"policy 'h2o': recent_ratio must be in [0, 1], got {self.recent_ratio}")
 
-    padded_mass = True  # below the budget a decode step only adds the token and the query's attention mass
-
-    def grows_next(self, cache, layer) -> bool:
-        return len(layer) + 1 <= self.budget
+    grows_below_cap = True  # below the budget a decode step only adds the token and the query's attention mass
+    padded_mass = True
 
     def padded_step(self, cache, layer, slot, mass=None) -> None:
         layer._score[:, :, : mass.shape[-1]] += mass  # empty slots get no mass (hidden by their position)

@@ -43,6 +43,7 @@ class Locret(ShareParam, Policy):
 
     name = "locret"
     graph_safe = True
+    grows_below_cap = True  # evicts nothing until the cache passes its cap (budget + local + decode window): padded
     position_mode = "cache"
     PARAMS = {"budget": 2048, "stabilizers": -1, "local": 100, "heads": "auto", "decode": "bounded",
               "decode_window": 512, **SHARE_PARAMS}
@@ -134,9 +135,6 @@ class Locret(ShareParam, Policy):
             s = heads.score(layer.idx, tap.qkv(layer.idx))  # [B, C, H]
         tap.out[layer.idx].clear()
         layer.score[:, :, -n_new:] = s.transpose(1, 2)
-
-    def grows_next(self, cache, layer) -> bool:  # a decode step that evicts nothing: score the token, keep it
-        return self.decode == "grow" or len(layer) + 1 <= self.budget + self.local + self.decode_window
 
     def padded_step(self, cache, layer, slot, mass=None) -> None:
         heads, tap = cache.aux["locret"]

@@ -25,7 +25,7 @@ class SnapKV(Policy):
 
     name = "snapkv"
     graph_safe = True
-    idle_below_cap = True  # evicts only beyond the cap: below it, decode runs padded
+    grows_below_cap = True  # evicts only beyond the cap: below it, decode runs padded
     PARAMS = {"budget": 2048, "window": 32, "kernel": 7, "pooling": "max", "chunked": False}
     DOCS = {"budget": "tokens kept per layer and KV head after prefill (window included)",
             "window": "observation window: last prompt tokens whose attention scores the prefix (paper: 32)",

@@ -15,7 +15,7 @@ class Streaming(Policy):
 
     name = "streaming"
     graph_safe = True
-    idle_below_cap = True  # evicts only beyond the cap: below it, decode runs padded
+    grows_below_cap = True  # evicts only beyond the cap: below it, decode runs padded
     position_mode = "cache"
     PARAMS = {"budget": 2048, "sinks": 4}
     DOCS = {"budget": "tokens kept per layer and KV head (sinks included)",

@@ -16,7 +16,7 @@ class TOVA(ShareParam, PositionsParam, Policy):
 
     name = "tova"
     graph_safe = True
-    idle_below_cap = True  # evicts only beyond the cap: below it, decode runs padded
+    grows_below_cap = True  # evicts only beyond the cap: below it, decode runs padded
     PARAMS = {"budget": 2048, "positions": "original", **SHARE_PARAMS}
     DOCS = {"budget": "tokens kept per layer (all heads keep the same tokens)",
             "positions": PositionsParam.POSITIONS_DOC, **SHARE_DOCS}

@@ -9,7 +9,7 @@ class Window(Policy):
 
     name = "window"
     graph_safe = True
-    idle_below_cap = True  # evicts only beyond the cap: below it, decode runs padded
+    grows_below_cap = True  # evicts only beyond the cap: below it, decode runs padded
     position_mode = "cache"
     PARAMS = {"budget": 2048}
     DOCS = {"budget": "tokens kept per layer and KV head"}
