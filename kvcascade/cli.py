@@ -253,7 +253,7 @@ def cmd_bench(args) -> int:
                              out=out, **kw)
     else:
         bench.bench_e2e(args.model, length=lengths[0] if lengths else 1048576, budget=args.budget,
-                        policy=args.policy, chunk_size=args.chunk_size,
+                        policy=args.policy, chunk_size=args.chunk_size, new_tokens=args.new_tokens,
                         full_lengths=[parse_length(x) for x in args.full_lengths.split(",") if x], out=out)
     return 0
 
@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--policy", default="cascade", help="e2e: policy spec")
     bn.add_argument("--policies", default=None, help="generate: policy specs (default: full, streaming, h2o, tova, "
                     "snapkv, locret, cascade)")
-    bn.add_argument("--new-tokens", type=int, default=256, help="generate: tokens decoded per run")
+    bn.add_argument("--new-tokens", type=int, default=256, help="e2e, generate: tokens decoded per run")
     bn.add_argument("--batches", default=None, help="generate: numbers of prompts decoded together (default 8,32; "
                     "empty: none)")
     bn.add_argument("--budget", type=int, default=8192, help="e2e, generate: budget")

@@ -11,6 +11,9 @@
 #   interlayer     calibrate inter-layer groups (regrouped at 0.3/0.7 too), then KJV-NT perplexity at 32K, passkey and
 #                  niah_single on prose at 8K/32K for full and interlayer (delta x proximal window); into $OUT/interlayer
 #   decode         GPU tests of CUDA graphs and batching, then bench generate (4K/32K, per policy, batches 8/32)
+#   profile        scripts/profile_decode.py: where a decode step's time goes, per policy ($POLICIES, space-separated)
+#   kernelcheck    scripts/kernel_check.py: Triton vs reference at every attention call of $MODEL (default Gemma-3-270M),
+#                  then its KJV-NT perplexity at 8K under full on the default (fenced) path
 #   share          cross-layer selection (share=none|group|all): passkey and the prose needle ($LENGTHS, $BUDGETS, $CHUNK)
 #   locret GRID    the Locret grid's remaining cells (GRID: timing, query, other, budgets), each into ~/ev/lc_GRID
 #                  (resumable) and $OUT/lc_GRID
@@ -133,8 +136,17 @@ for w in sys.argv[1:]:
       --max-tokens "${NEW:-32}" --policies "${POLICIES:-locret,full}" --budget "${BUDGET:-4096}" --out "$OUT/serve_load.json" ;;
   attention)
     $KV bench attention --lengths "${LENGTHS:-32k,128k,512k,1m}" ${METHODS:+--methods $METHODS} --out "$OUT/bench_attention.json" ;;
+  profile)
+    python3 scripts/profile_decode.py --out "$OUT/profile_decode.json" ${POLICIES:-full streaming h2o snapkv tova locret cascade} ;;
+  kernelcheck)
+    M=${MODEL:-gemma-3-270m}
+    python3 scripts/kernel_check.py --model $M --tokens "${TOKENS:-4096}" --out "$OUT/kernel_check_$M.json"
+    timeout 200 $KV eval ppl --model $M --device cuda --quiet --text kjv:nt --policies full --lengths 8k --chunk-size 1024 \
+      --out ~/ev/ppl_$M 2>&1 | tail -6 || true
+    mkdir -p $OUT/ppl_$M; cp ~/ev/ppl_$M/results.jsonl $OUT/ppl_$M/ 2>/dev/null || true ;;
   e2e)
-    $KV bench e2e --lengths "${LENGTHS:-1m}" --chunk-size "${CHUNK:-4096}" --full-lengths "${FULL:-32k}" --out "$OUT/bench_e2e.json" ;;
+    $KV bench e2e --lengths "${LENGTHS:-1m}" --chunk-size "${CHUNK:-4096}" --full-lengths "${FULL:-32k}" \
+      --new-tokens "${NEW:-256}" ${POLICY:+--policy $POLICY} --out "$OUT/bench_e2e.json" ;;
   eval)  # results live in ~/ev/NAME (kept while the machine stays warm, so a timed-out grid resumes); results.jsonl
          # and summary.md are copied to $OUT (rebuild the plots locally with kvcascade report)
     mkdir -p ~/ev

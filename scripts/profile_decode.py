@@ -1,38 +1,99 @@
-"""Decode-step wall time per policy after a 16K-token prefill, and a torch.profiler table of the cascade's
-step (kernel launches, CPU vs CUDA time). CUDA only. Usage: python scripts/profile_decode.py"""
+"""Where a decode step's time goes, per policy (CUDA only): ms per token eager and replayed as a CUDA graph, and
+a torch.profiler count of the step's kernels with their GPU time, grouped by operator (the top ones printed).
 
+A graph replay removes the host's launch time, so its step time is close to the sum of the step's kernel times:
+the table says which kernels to remove or fuse next. Same model and prompt for every policy (the default model,
+``--prompt`` random token ids, ``--budget``), the cache in its steady state (at the budget: a token arrives and
+one leaves) unless the prompt is shorter. Usage:
+python scripts/profile_decode.py [--prompt 4096] [--budget 2048] [--top 8] [--out F.json] POLICY ...
+"""
+
+import argparse
+import json
 import time
+from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import kvcascade
+from kvcascade import make_policy
+from kvcascade.bench import device_name
 from kvcascade.cache import CompressedCache
 from kvcascade.engine import prefill
-from kvcascade.policies import make_policy
+from kvcascade.graphs import DecodeGraphs
+from kvcascade.policies import parse_policy_spec
 
-model, tok = kvcascade.load_model(device="cuda", progress=False)
-ids = torch.randint(0, 10000, (16384,)).tolist()
-for pol in ["full", "streaming", "cascade"]:
-    cache = CompressedCache(model, make_policy(pol, None if pol == "full" else 8192))
-    prefill(model, cache, ids, 4096)
-    cache.phase = "decode"
-    inp = torch.tensor([[5]], device="cuda")
 
-    def step():
-        return cache.forward(model, inp, logits_to_keep=1)
-
-    for _ in range(3):
-        step()
+def _ms_per_step(fn, steps: int) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
-    for _ in range(20):
-        step()
+    for _ in range(steps):
+        fn()
     torch.cuda.synchronize()
-    print(f"{pol}: decode step {(time.perf_counter() - t) / 20 * 1000:.1f} ms")
-    if pol == "cascade":
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18, max_name_column_width=40))
+    return (time.perf_counter() - t) / steps * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("policies", nargs="+")
+    ap.add_argument("--prompt", type=int, default=4096)
+    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    model, _ = kvcascade.load_model(device="cuda", progress=False)
+    ids = torch.randint(100, 20000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = []
+    for spec in args.policies:
+        name, params = parse_policy_spec(spec)
+        pol = make_policy(name, None if name in ("full", "interlayer") else args.budget, **params)
+        with torch.inference_mode():
+            cache = CompressedCache(model, pol)
+            cache.reserve(pol.max_tokens(args.prompt, 4 * args.steps + 16, 4096, cache.num_layers), 4096)
+            prefill(model, cache, ids, 4096)
+            cache.phase, cache.final_chunk, cache.remaining = "decode", True, 0
+            graphs = DecodeGraphs(cache, model)
+            graphs.enabled = False
+            eager = _ms_per_step(lambda: graphs.step(5), args.steps)
+            graphs.enabled = True
+            for _ in range(8):  # captured once its key repeats
+                graphs.step(5)
+            replayed = graphs.replays
+            graphed = _ms_per_step(lambda: graphs.step(5), args.steps)
+            replayed = graphs.replays - replayed
+            graphs.enabled = False
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                graphs.step(5)
+                torch.cuda.synchronize()
+        by_op = defaultdict(lambda: [0, 0.0])
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                by_op[ev.name][0] += 1
+                by_op[ev.name][1] += ev.time_range.elapsed_us()
+        kernels = sum(c for c, _ in by_op.values())
+        gpu_us = sum(t for _, t in by_op.values())
+        top = sorted(by_op.items(), key=lambda kv: -kv[1][1])[:args.top]
+        rows.append({"policy": spec, "eager_ms": eager, "graph_ms": graphed, "graph_tok_s": 1000 / graphed,
+                     "replayed": f"{replayed} of {args.steps}", "kernels": kernels, "kernel_ms": gpu_us / 1000,
+                     "top": [{"kernel": k[:90], "count": c, "us": t} for k, (c, t) in top]})
+        print(f"{spec}: eager {eager:.2f} ms, graphs {graphed:.2f} ms ({replayed}/{args.steps} replayed), "
+              f"{kernels} kernels, {gpu_us / 1000:.2f} ms of kernel time", flush=True)
+        for k, (c, t) in top:
+            print(f"    {t / 1000:7.3f} ms  {c:5d} x  {k[:90]}")
+        cache = graphs = None  # freed before the next policy
+        torch.cuda.empty_cache()
+    dev = device_name()
+    print(f"\n| policy | eager ms | graph ms (tok/s) | kernels per step | kernel ms per step |  ({dev}, prompt "
+          f"{args.prompt}, budget {args.budget})\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['policy']} | {r['eager_ms']:.2f} | {r['graph_ms']:.2f} ({r['graph_tok_s']:.0f}) | {r['kernels']} | "
+              f"{r['kernel_ms']:.2f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": dev, "prompt": args.prompt, "budget": args.budget, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
