@@ -258,3 +258,21 @@ def test_share_bad_inputs():
         make_policy("h2o", 64, share="group", share_groups="/no/such.json")
     with pytest.raises(KVCascadeError, match="none ship for this model"):
         CompressedCache(MODEL, make_policy("tova", 64, share="group"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), n=st.integers(2, 40), protect_from=st.integers(0, 40),
+       seed=st.integers(0, 10_000))
+def test_keep_indices_drop_one_equals_topk(B, H, n, protect_from, seed):
+    """Dropping one token (a decode step at the budget) takes the argmin path; it keeps what topk keeps."""
+    from kvcascade.policies.base import keep_indices
+
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randperm(B * H * n, generator=g).float().view(B, H, n)  # distinct: no ties at the cut
+    protect = torch.arange(n) >= max(1, protect_from)  # a policy always leaves some token unprotected
+    for p in (None, protect):
+        got = keep_indices(score, n - 1, p)
+        s = score if p is None else score.masked_fill(p, float("inf"))
+        want = torch.topk(s, n - 1, dim=-1).indices.sort(dim=-1).values
+        assert got.shape == (B, H, n - 1)
+        assert torch.equal(got, want)

@@ -186,10 +186,16 @@ def _coerce(value, kind):
 
 # -- helpers shared by policies --------------------------------------------------------------------------
 def keep_indices(score: torch.Tensor, k: int, protect: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices ``[B, H, k]`` (sorted) of the ``k`` highest scores; ``protect`` (bool, broadcastable) always kept."""
+    """Indices ``[B, H, k]`` (sorted) of the ``k`` highest scores; ``protect`` (bool, broadcastable) always kept.
+    Of equal scores at the cut, which are kept is not specified (topk's choice; dropping one: the later ones)."""
     s = score.float()
     if protect is not None:
         s = s.masked_fill(protect, float("inf"))
+    n = s.shape[-1]
+    if k == n - 1:  # a decode step at the budget drops one token: the lowest score (the first of equal ones)
+        victim = s.argmin(dim=-1, keepdim=True)  # one reduction where topk + sort are two radix sorts on a GPU
+        ar = torch.arange(k, device=s.device)
+        return ar + (ar >= victim).long()
     idx = torch.topk(s, k, dim=-1, sorted=False).indices
     return idx.sort(dim=-1).values
 
