@@ -35,7 +35,15 @@ class ModelSpec:
     gguf_name: str
     sha256: str
     size: int
+    #: token ids of CANARY_TEXT under the model's own tokenizer: a conversion that tokenizes differently is refused
+    canary: tuple[int, ...] = ()
     notes: dict = field(default_factory=dict)
+
+
+#: a short text whose token ids every registered model records (``ModelSpec.canary``): transformers 5.17 converts
+#: Gemma-3's GGUF tokenizer as a Unigram model that spells this text out character by character, and the model then
+#: reads nonsense without any error (perplexity ~1,200 instead of ~5.5); the ids catch that
+CANARY_TEXT = "In the beginning God created the heaven and the earth. def main():\n    return 0"
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -47,6 +55,7 @@ MODELS: dict[str, ModelSpec] = {
         gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         size=491_400_064,
+        canary=(641, 279, 7167, 4264, 3465, 279, 22274, 323, 279, 9393, 13, 707, 1887, 3932, 262, 470, 220, 15),
     ),
     "gemma-3-270m": ModelSpec(
         name="gemma-3-270m",
@@ -58,6 +67,8 @@ MODELS: dict[str, ModelSpec] = {
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         size=253_113_024,
+        canary=(902, 506, 6534, 3803, 4464, 506, 20808, 532, 506, 7764, 236761, 1096, 1689, 6141, 107, 140, 2060,
+                236743, 236771),
     ),
 }
 DEFAULT_MODEL = "qwen2.5-coder-0.5b"
@@ -216,6 +227,7 @@ def _convert(gguf_path: Path, out_dir: Path, meta: dict, progress: bool = True) 
     if progress:
         print(f"converting {gguf_path.name} (tokenizer + dequantisation, about a minute, once) ...", file=sys.stderr)
     model, tok = _load_hf(gguf_path.parent, gguf_path.name, torch.float32, "cpu", progress=progress)
+    check_tokenizer(meta["name"], tok)  # before anything is saved: a wrong tokenizer is never stored
     # The weights are dequantized to float32 on load; drop the GGUF quantizer marker so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -229,6 +241,22 @@ def _convert(gguf_path: Path, out_dir: Path, meta: dict, progress: bool = True) 
     (tmp / "kvcascade.json").write_text(json.dumps({**meta, "transformers": transformers.__version__}, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
+
+
+def check_tokenizer(name: str, tok) -> None:
+    """Refuse a tokenizer that does not give a registered model's canary ids (one clear error, never nonsense)."""
+    import transformers
+
+    want = list(MODELS[name].canary) if name in MODELS else []
+    if not want:
+        return
+    got = tok(CANARY_TEXT, add_special_tokens=False).input_ids
+    if list(got) != want:
+        raise KVCascadeError(
+            f"model '{name}': the tokenizer that transformers {transformers.__version__} made from its GGUF file "
+            f"splits text differently from the model's own ({len(got)} tokens where {len(want)} are expected for "
+            f"a test sentence), so the model would read nonsense (transformers 5.17 has this bug for Gemma-3; 5.18 "
+            f"and later convert it right): pip install -U transformers, delete {converted_dir(name)} and run again")
 
 
 def prepare(name: str, progress: bool = True, force: bool = False) -> Path:
@@ -323,6 +351,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str | None = "cpu", dt
         raise KVCascadeError(f"cannot read the model configuration in '{path}': {e}") from None
     check_architecture(getattr(config, "text_config", None) if config.model_type == "gemma3" else config)
     model, tok = _load_hf(path, gguf, torch_dtype, device, progress=progress)
+    if name_or_path in MODELS:  # also a conversion stored before this check existed
+        check_tokenizer(name_or_path, tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok

@@ -118,3 +118,27 @@ def test_progress_off_a_terminal_prints_rarely():
     bar.update(10)
     bar.close()
     assert quiet.getvalue() == ""
+
+
+def test_a_tokenizer_that_splits_the_canary_differently_is_refused():
+    """transformers 5.17 converts Gemma-3's GGUF tokenizer as a Unigram model that spells text out: the model then
+    reads nonsense with no error. Every registered model records its canary ids; any other ids are refused."""
+
+    class Tok:
+        def __init__(self, ids):
+            self.ids = ids
+
+        def __call__(self, text, add_special_tokens=True):
+            assert text == models.CANARY_TEXT and add_special_tokens is False
+
+            class Out:
+                input_ids = self.ids
+            return Out()
+
+    for name, spec in models.MODELS.items():
+        assert len(spec.canary) > 5, name
+        models.check_tokenizer(name, Tok(list(spec.canary)))  # the right ids pass
+        spelled = [ord(c) for c in models.CANARY_TEXT]
+        with pytest.raises(KVCascadeError, match="splits text differently.*pip install -U transformers"):
+            models.check_tokenizer(name, Tok(spelled))
+    models.check_tokenizer("some-local-gguf", Tok([1, 2, 3]))  # nothing recorded for other models: no check

@@ -39,8 +39,21 @@ def test_streaming_loses_key_at_the_start(qwen):
     assert score_passkey(r.text, s.answer) == 0.0, r.text
 
 
+def _gemma():
+    """Gemma-3-270M, or (transformers 5.17, whose GGUF conversion gets its tokenizer wrong) the clear refusal."""
+    import transformers
+
+    from kvcascade.errors import KVCascadeError
+
+    if transformers.__version__.startswith("5.17."):
+        with pytest.raises(KVCascadeError, match="splits text differently"):
+            kvcascade.load_model("gemma-3-270m", progress=False)
+        pytest.skip("transformers 5.17 converts Gemma-3's tokenizer wrongly: refused with one clear error (asserted)")
+    return kvcascade.load_model("gemma-3-270m", progress=False)
+
+
 def test_gemma_full_and_sliding_layers():
-    model, tok = kvcascade.load_model("gemma-3-270m", progress=False)
+    model, tok = _gemma()
     assert model.config.model_type == "gemma3_text"
     s = make_passkey(tok, 600, depth=0.5, seed=13)
     r = kvcascade.generate(model, tok, s.prompt, policy="full", max_new_tokens=8, chunk_size=128)
@@ -116,7 +129,7 @@ def test_locret_shipped_gemma_heads_load_and_beat_untrained_ones():
     from kvcascade.locret.heads import find_shipped, read_header
     from kvcascade.texts import kjv_part
 
-    model, tok = kvcascade.load_model("gemma-3-270m", progress=False)
+    model, tok = _gemma()
     path = find_shipped(model)
     assert path is not None and path.name == "gemma-3-270m.safetensors"
     assert read_header(path)["layers"] == [5, 11, 17]
