@@ -14,6 +14,9 @@
 #   profile        scripts/profile_decode.py: where a decode step's time goes, per policy ($POLICIES, space-separated)
 #   kernelcheck    scripts/kernel_check.py: Triton vs reference at every attention call of $MODEL (default Gemma-3-270M),
 #                  then its KJV-NT perplexity at 8K under full on the default (fenced) path
+#   gemmacheck     Gemma-3-270M converted under the transformers wheel carried in .whl518/ (the lent machine's 5.17
+#                  converts its tokenizer wrongly): KJV-NT perplexity at 8K through the reference and the Triton
+#                  kernels (head dim 256), then scripts/kernel_check.py; pieces g.part* in ~/m/
 #   share          cross-layer selection (share=none|group|all): passkey and the prose needle ($LENGTHS, $BUDGETS, $CHUNK)
 #   locret GRID    the Locret grid's remaining cells (GRID: timing, query, other, budgets), each into ~/ev/lc_GRID
 #                  (resumable) and $OUT/lc_GRID
@@ -144,6 +147,17 @@ for w in sys.argv[1:]:
     timeout 200 $KV eval ppl --model $M --device cuda --quiet --text kjv:nt --policies full --lengths 8k --chunk-size 1024 \
       --out ~/ev/ppl_$M 2>&1 | tail -6 || true
     mkdir -p $OUT/ppl_$M; cp ~/ev/ppl_$M/results.jsonl $OUT/ppl_$M/ 2>/dev/null || true ;;
+  gemmacheck)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/s518 .whl518/*.whl >/dev/null 2>&1 || true
+    export PYTHONPATH=/tmp/s518:$PYTHONPATH KVCASCADE_HOME=$HOME/kvh518
+    mkdir -p $KVCASCADE_HOME/gguf ~/ev; cat ~/m/g.part* > $KVCASCADE_HOME/gguf/gemma-3-270m-q4_k_m.gguf
+    python3 -c "import kvcascade, transformers; print(transformers.__version__, kvcascade.prepare('gemma-3-270m', progress=False))" 2>&1 | tail -1
+    for K in reference triton; do
+      KVCASCADE_KERNELS=$K timeout 150 $KV eval ppl --model gemma-3-270m --device cuda --quiet --text kjv:nt \
+        --policies full,streaming --budgets 2048 --lengths 8k,32k --chunk-size 1024 --out ~/ev/gppl_$K 2>&1 | grep -E "^\| " || true
+      mkdir -p $OUT/gemmacheck; cp ~/ev/gppl_$K/results.jsonl $OUT/gemmacheck/ppl_$K.jsonl 2>/dev/null || true
+    done
+    python3 scripts/kernel_check.py --out $OUT/gemmacheck/kernel_check.json 2>&1 | tail -24 ;;
   e2e)
     $KV bench e2e --lengths "${LENGTHS:-1m}" --chunk-size "${CHUNK:-4096}" --full-lengths "${FULL:-32k}" \
       --new-tokens "${NEW:-256}" ${POLICY:+--policy $POLICY} --out "$OUT/bench_e2e.json" ;;

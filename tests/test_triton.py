@@ -43,7 +43,7 @@ SHAPES = [  # B, Hq, H, C, n_cached, D
 ]
 if HAS_CUDA:
     SHAPES += [(1, 14, 2, 512, 4096, 64), (1, 32, 8, 1000, 3000, 128), (2, 8, 8, 256, 8192, 128),
-               (1, 8, 1, 4096, 8192, 64), (1, 4, 1, 1024, 3000, 256)]  # 256: Gemma3 (see kernels.TRITON_HEAD_DIMS)
+               (1, 8, 1, 4096, 8192, 64), (1, 4, 1, 1024, 3000, 256)]  # 256: Gemma3
 DTYPES = [torch.float32] if not HAS_CUDA else [torch.float16, torch.bfloat16]
 TOL = {torch.float32: 2e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 

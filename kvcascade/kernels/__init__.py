@@ -67,12 +67,12 @@ def _have_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-#: head dims the Triton kernels run by default. 256 (Gemma3) is left out: Gemma-3-270M on an H200 through the Triton
-#: path gave a perplexity of 578 over the first 8K tokens of a text where the same code on CPU (the reference path,
-#: fp32 or bf16) and stock transformers give 4.8, and no GPU test covered head dim 256 (the kernels match the
-#: reference at 256 in Triton's CPU interpreter). Until tests/test_triton.py passes at 256 on a GPU, it runs the
-#: reference; KVCASCADE_KERNELS=triton still forces Triton.
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
+#: head dims the Triton kernels run. 256 (Gemma3) was left out for one session on a wrong diagnosis: Gemma-3-270M's
+#: perplexity of 578 on an H200 came from its tokenizer (transformers 5.17 converts it wrongly; kvcascade.models now
+#: refuses that), not from the kernels: converted under 5.18, the Triton path gives 7.047 / 8.004 at 8K / 32K where
+#: the reference gives 7.028 / 7.992 on the same GPU (docs/results, "Gemma-3 on the GPU"), and tests/test_triton.py
+#: passes at 256 there.
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def backend_for(q, softcap=None) -> str:
@@ -84,16 +84,16 @@ def backend_for(q, softcap=None) -> str:
         raise KVCascadeError(f"KVCASCADE_KERNELS must be auto, reference or triton, got '{choice}'")
     if choice == "reference":
         return "reference"
-    runnable = (q.is_cuda and _have_triton() and softcap is None and q.shape[-1] in (*TRITON_HEAD_DIMS, 256)
+    runnable = (q.is_cuda and _have_triton() and softcap is None and q.shape[-1] in TRITON_HEAD_DIMS
                 and q.dtype in (torch.float16, torch.bfloat16))  # fp32 stays exact on the reference path
-    if choice == "triton":  # head dim 256 too, on request (see TRITON_HEAD_DIMS)
+    if choice == "triton":
         if not runnable:
             from ..errors import KVCascadeError
 
             raise KVCascadeError("KVCASCADE_KERNELS=triton needs CUDA tensors, triton, no softcap and a power-of-two "
                                  "head dim")
         return "triton"
-    return "triton" if runnable and q.shape[-1] in TRITON_HEAD_DIMS else "reference"
+    return "triton" if runnable else "reference"
 
 
 def attention_with_scores(q, k, v, *, scaling, softcap=None, q_orig=None, k_orig=None, window=None,
