@@ -35,14 +35,16 @@ class ModelSpec:
     gguf_name: str
     sha256: str
     size: int
-    #: token ids of CANARY_TEXT under the model's own tokenizer: a conversion that tokenizes differently is refused
+    #: token ids of CANARY_TEXT (special tokens included) under the model's own tokenizer: a conversion that tokenizes
+    #: differently is refused
     canary: tuple[int, ...] = ()
     notes: dict = field(default_factory=dict)
 
 
 #: a short text whose token ids every registered model records (``ModelSpec.canary``): transformers 5.17 converts
-#: Gemma-3's GGUF tokenizer as a Unigram model that spells this text out character by character, and the model then
-#: reads nonsense without any error (perplexity ~1,200 instead of ~5.5); the ids catch that
+#: Gemma-3's GGUF tokenizer as a Unigram model that spells this text out character by character (perplexity ~1,200
+#: instead of ~5.5, no error), and 5.18-5.22 leave out its <bos> token (perplexity 7.05 instead of 4.79 over 8K
+#: tokens); the ids catch both
 CANARY_TEXT = "In the beginning God created the heaven and the earth. def main():\n    return 0"
 
 
@@ -67,7 +69,7 @@ MODELS: dict[str, ModelSpec] = {
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         size=253_113_024,
-        canary=(902, 506, 6534, 3803, 4464, 506, 20808, 532, 506, 7764, 236761, 1096, 1689, 6141, 107, 140, 2060,
+        canary=(2, 902, 506, 6534, 3803, 4464, 506, 20808, 532, 506, 7764, 236761, 1096, 1689, 6141, 107, 140, 2060,
                 236743, 236771),
     ),
 }
@@ -250,13 +252,13 @@ def check_tokenizer(name: str, tok) -> None:
     want = list(MODELS[name].canary) if name in MODELS else []
     if not want:
         return
-    got = tok(CANARY_TEXT, add_special_tokens=False).input_ids
+    got = tok(CANARY_TEXT).input_ids
     if list(got) != want:
         raise KVCascadeError(
             f"model '{name}': the tokenizer that transformers {transformers.__version__} made from its GGUF file "
             f"splits text differently from the model's own ({len(got)} tokens where {len(want)} are expected for "
-            f"a test sentence), so the model would read nonsense (transformers 5.17 has this bug for Gemma-3; 5.18 "
-            f"and later convert it right): pip install -U transformers, delete {converted_dir(name)} and run again")
+            f"a test sentence, special tokens included), so the model would read text it was not trained on (for "
+            f"Gemma-3, transformers 5.17 spells text out and 5.18-5.22 leave out <bos>; 5.23 and later are right): pip install -U transformers, delete {converted_dir(name)} and run again")
 
 
 def prepare(name: str, progress: bool = True, force: bool = False) -> Path:

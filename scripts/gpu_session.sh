@@ -158,6 +158,19 @@ for w in sys.argv[1:]:
       mkdir -p $OUT/gemmacheck; cp ~/ev/gppl_$K/results.jsonl $OUT/gemmacheck/ppl_$K.jsonl 2>/dev/null || true
     done
     python3 scripts/kernel_check.py --out $OUT/gemmacheck/kernel_check.json 2>&1 | tail -24 ;;
+  gemmadtype)  # after gemmacheck on the same machine: ours and stock transformers at 8K, fp32 and bf16, on the GPU
+    export PYTHONPATH=/tmp/s518:$PYTHONPATH KVCASCADE_HOME=$HOME/kvh518
+    for T in float32 bfloat16; do
+      timeout 120 $KV eval ppl --model gemma-3-270m --device cuda --dtype $T --quiet --text kjv:nt --policies full \
+        --lengths 8k --chunk-size 1024 --out ~/ev/gd_$T 2>&1 | grep -E "^\| full" | sed "s/^/ours $T /" || true
+      python3 -c "
+import math, torch, kvcascade
+from kvcascade.texts import kjv_part
+m, tok = kvcascade.load_model('gemma-3-270m', device='cuda', dtype='$T', progress=False)
+x = torch.tensor([tok(kjv_part('nt')[:60000]).input_ids[:8192]], device='cuda')
+with torch.no_grad(): print('stock $T', m.config._attn_implementation, math.exp(m(x, labels=x).loss.float()))"
+      mkdir -p $OUT/gemmadtype; cp ~/ev/gd_$T/results.jsonl $OUT/gemmadtype/ppl_ours_$T.jsonl 2>/dev/null || true
+    done ;;
   e2e)
     $KV bench e2e --lengths "${LENGTHS:-1m}" --chunk-size "${CHUNK:-4096}" --full-lengths "${FULL:-32k}" \
       --new-tokens "${NEW:-256}" ${POLICY:+--policy $POLICY} --out "$OUT/bench_e2e.json" ;;

@@ -129,7 +129,7 @@ def test_a_tokenizer_that_splits_the_canary_differently_is_refused():
             self.ids = ids
 
         def __call__(self, text, add_special_tokens=True):
-            assert text == models.CANARY_TEXT and add_special_tokens is False
+            assert text == models.CANARY_TEXT and add_special_tokens is True
 
             class Out:
                 input_ids = self.ids
@@ -141,4 +141,6 @@ def test_a_tokenizer_that_splits_the_canary_differently_is_refused():
         spelled = [ord(c) for c in models.CANARY_TEXT]
         with pytest.raises(KVCascadeError, match="splits text differently.*pip install -U transformers"):
             models.check_tokenizer(name, Tok(spelled))
+    with pytest.raises(KVCascadeError, match="splits text differently"):  # Gemma without its <bos> (5.18-5.22)
+        models.check_tokenizer("gemma-3-270m", Tok(list(models.MODELS["gemma-3-270m"].canary[1:])))
     models.check_tokenizer("some-local-gguf", Tok([1, 2, 3]))  # nothing recorded for other models: no check
