@@ -42,6 +42,7 @@ from .models import check_architecture, text_config
 ATTN_IMPLEMENTATION = "kvcascade"
 EMPTY_POS = -(2 ** 30)  # original position of a slot that holds no token (see CompressedCache.padded)
 PAD_WINDOW = 2 ** 30  # a window that hides exactly the EMPTY_POS slots from every real query
+ROPE_MEMO = 64  # decode-step rotary tables a cache keeps (never dropped while it lives: a captured graph may read one)
 _pending = threading.local()
 
 
@@ -347,6 +348,7 @@ class CompressedCache(Cache):
         self.padded = False
         self._slot_dev = None  # padded decode with in-cache positions: the slot of the next token, on the device
         self._slot_ids = None
+        self._rope_memo: dict = {}  # (layer type, first position, count, dtype) -> (cos, sin): see _rope_at
         policy.setup(self)
         if policy.position_mode == "cache" and not all(
             policy.layer_budget(i, self.num_layers) == policy.layer_budget(0, self.num_layers)
@@ -517,7 +519,8 @@ class CompressedCache(Cache):
             k_store, k_all = key_new, layer._k[:, :, :P]
         else:
             slot = self._slot_ids
-            cos, sin = self.rotary(layer.idx, slot.view(1, -1), key_new)
+            cos_c, sin_c = self._rope_at(layer.idx, 0, P, key_new)  # every slot's rotation (slot == position)
+            cos, sin = cos_c[:, slot], sin_c[:, slot]
             k_store = unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1))
         layer._k.index_copy_(2, slot, k_store)
         layer._v.index_copy_(2, slot, value_new)
@@ -526,7 +529,6 @@ class CompressedCache(Cache):
         for buf in layer._extra.values():
             buf.index_fill_(2, slot, 0.0)
         if not self.keys_rotated:  # every slot rotated at its slot position, the new key as it came
-            cos_c, sin_c = self.rotary(layer.idx, torch.arange(P, device=key_new.device).view(1, -1), key_new)
             k_all = apply_rope(layer._k[:, :, :P], cos_c.unsqueeze(1), sin_c.unsqueeze(1))
             k_all.index_copy_(2, slot, key_new)
         layer.n += C
@@ -549,6 +551,24 @@ class CompressedCache(Cache):
             pos = torch.arange(q_pos0 - (n - C), q_pos0 + C, device=device).view(1, 1, -1)
             return pos.expand(layer.pos.shape[0], layer.pos.shape[1], -1)
         return layer.pos + (q_pos0 - orig0)
+
+    def _rope_at(self, layer_idx: int, start: int, count: int, like):
+        """cos, sin ``[1, count, D]`` of positions ``start .. start + count - 1``, as the model's rotary module gives
+        them. A decode step of a policy with in-cache positions rotates its keys at the same positions in every layer
+        and, once the cache is at its budget, at every step: the tables are made once and kept (at most
+        ``ROPE_MEMO``; never dropped, since a captured CUDA graph may read one; none is made inside a capture)."""
+        from . import graphs
+
+        layer_type = self.rotary.layer_types[layer_idx] if self.rotary.takes_layer_type else None
+        key = (layer_type, start, count, like.dtype)
+        hit = self._rope_memo.get(key)
+        if hit is not None:
+            graphs.baked(("rope", start, count))
+            return hit
+        cos_sin = self.rotary(layer_idx, torch.arange(start, start + count, device=like.device).view(1, -1), like)
+        if len(self._rope_memo) < ROPE_MEMO and not (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self._rope_memo[key] = cos_sin
+        return cos_sin
 
     def attend(self, layer_idx: int, query, key_new, value_new, *, scaling, softcap=None, position_ids=None):
         layer = self.layers[layer_idx]
@@ -574,9 +594,18 @@ class CompressedCache(Cache):
             k_all = layer.keys
         else:  # stored un-rotated; all keys rotated at their current positions, the chunk's as it came
             q_pos = position_ids[0].to(query.device)
-            cos, sin = self.rotary(layer_idx, q_pos.view(1, -1), key_new)
+            memo = mine and C == 1 and not layer.is_sliding and self.policy.position_mode == "cache"
+            if memo:  # a decode step: its position (a host number) and the keys' are those of earlier steps
+                cos, sin = self._rope_at(layer_idx, last[1], C, key_new)
+            else:
+                cos, sin = self.rotary(layer_idx, q_pos.view(1, -1), key_new)
             layer.append(unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1)), value_new, orig)
-            if n_cached:
+            if n_cached and memo:  # in-cache positions: key j of n sits at q0 - (n - C) + j in every row and head
+                n = len(layer)
+                cos_c, sin_c = self._rope_at(layer_idx, last[1] - (n - C), n, key_new)
+                k_all = apply_rope(layer.keys, cos_c.unsqueeze(1), sin_c.unsqueeze(1))
+                k_all[:, :, n_cached:] = key_new
+            elif n_cached:
                 q0 = last[1] if mine else int(q_pos[0])
                 rot_pos = self._key_positions(layer, q0, orig[:, :1].unsqueeze(-1), C, query.device)
                 cos_c, sin_c = self.rotary(layer_idx, rot_pos.reshape(B, -1), key_new)

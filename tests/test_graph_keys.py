@@ -148,7 +148,9 @@ def test_padded_decode_of_a_growing_cache_gives_the_same_tokens_with_one_trace(a
             assert not FROM_HOST & {op[0] for op in traces[-1]}
     s.close()
     assert s.new == plain.token_ids
-    assert len(traces) >= 18 and all(tr == traces[0] for tr in traces)
+    # the first padded step runs eagerly under graphs (a key is captured when seen again): it may make device
+    # constants (the rotary table of in-cache positions), so the steps after it must all match
+    assert len(traces) >= 18 and all(tr == traces[1] for tr in traces[1:])
     assert all(len(layer) == (24 + 2 if policy == "locret" else len(ids)) + 19 for layer in s.cache.layers)
 
 
