@@ -348,7 +348,7 @@ class CompressedCache(Cache):
         self.padded = False
         self._slot_dev = None  # padded decode with in-cache positions: the slot of the next token, on the device
         self._slot_ids = None
-        self._rope_memo: dict = {}  # (layer type, first position, count, dtype) -> (cos, sin): see _rope_at
+        self._rope_memo: dict = {}  # (layer type, capacity, dtype) -> (cos, sin) of positions 0 .. capacity - 1
         policy.setup(self)
         if policy.position_mode == "cache" and not all(
             policy.layer_budget(i, self.num_layers) == policy.layer_budget(0, self.num_layers)
@@ -519,7 +519,7 @@ class CompressedCache(Cache):
             k_store, k_all = key_new, layer._k[:, :, :P]
         else:
             slot = self._slot_ids
-            cos_c, sin_c = self._rope_at(layer.idx, 0, P, key_new)  # every slot's rotation (slot == position)
+            cos_c, sin_c = self._rope_at(layer, 0, P, key_new)  # every slot's rotation (slot == position)
             cos, sin = cos_c[:, slot], sin_c[:, slot]
             k_store = unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1))
         layer._k.index_copy_(2, slot, k_store)
@@ -552,23 +552,29 @@ class CompressedCache(Cache):
             return pos.expand(layer.pos.shape[0], layer.pos.shape[1], -1)
         return layer.pos + (q_pos0 - orig0)
 
-    def _rope_at(self, layer_idx: int, start: int, count: int, like):
+    def _rope_at(self, layer, start: int, count: int, like):
         """cos, sin ``[1, count, D]`` of positions ``start .. start + count - 1``, as the model's rotary module gives
-        them. A decode step of a policy with in-cache positions rotates its keys at the same positions in every layer
-        and, once the cache is at its budget, at every step: the tables are made once and kept (at most
-        ``ROPE_MEMO``; never dropped, since a captured CUDA graph may read one; none is made inside a capture)."""
+        them: views of one table of positions ``0 .. capacity - 1`` per layer type. A decode step of a policy with
+        in-cache positions rotates its keys at positions ``0 .. n - 1`` in every layer and at every step, so the table
+        is made once and kept (at most ``ROPE_MEMO`` of them; never dropped, since a captured CUDA graph may read one;
+        none is made inside a capture)."""
         from . import graphs
 
-        layer_type = self.rotary.layer_types[layer_idx] if self.rotary.takes_layer_type else None
-        key = (layer_type, start, count, like.dtype)
-        hit = self._rope_memo.get(key)
-        if hit is not None:
-            graphs.baked(("rope", start, count))
-            return hit
-        cos_sin = self.rotary(layer_idx, torch.arange(start, start + count, device=like.device).view(1, -1), like)
-        if len(self._rope_memo) < ROPE_MEMO and not (like.is_cuda and torch.cuda.is_current_stream_capturing()):
-            self._rope_memo[key] = cos_sin
-        return cos_sin
+        P = layer.capacity
+        if start < 0 or start + count > P:
+            pos = torch.arange(start, start + count, device=like.device).view(1, -1)
+            return self.rotary(layer.idx, pos, like)
+        layer_type = self.rotary.layer_types[layer.idx] if self.rotary.takes_layer_type else None
+        key = (layer_type, P, like.dtype)
+        table = self._rope_memo.get(key)
+        if table is None:
+            table = self.rotary(layer.idx, torch.arange(P, device=like.device).view(1, -1), like)
+            if len(self._rope_memo) < ROPE_MEMO and not (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+                self._rope_memo[key] = table
+        else:
+            graphs.baked(("rope", P))
+        cos, sin = table
+        return cos[:, start:start + count], sin[:, start:start + count]
 
     def attend(self, layer_idx: int, query, key_new, value_new, *, scaling, softcap=None, position_ids=None):
         layer = self.layers[layer_idx]
@@ -596,13 +602,13 @@ class CompressedCache(Cache):
             q_pos = position_ids[0].to(query.device)
             memo = mine and C == 1 and not layer.is_sliding and self.policy.position_mode == "cache"
             if memo:  # a decode step: its position (a host number) and the keys' are those of earlier steps
-                cos, sin = self._rope_at(layer_idx, last[1], C, key_new)
+                cos, sin = self._rope_at(layer, last[1], C, key_new)
             else:
                 cos, sin = self.rotary(layer_idx, q_pos.view(1, -1), key_new)
             layer.append(unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1)), value_new, orig)
             if n_cached and memo:  # in-cache positions: key j of n sits at q0 - (n - C) + j in every row and head
                 n = len(layer)
-                cos_c, sin_c = self._rope_at(layer_idx, last[1] - (n - C), n, key_new)
+                cos_c, sin_c = self._rope_at(layer, last[1] - (n - C), n, key_new)
                 k_all = apply_rope(layer.keys, cos_c.unsqueeze(1), sin_c.unsqueeze(1))
                 k_all[:, :, n_cached:] = key_new
             elif n_cached:
