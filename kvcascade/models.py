@@ -258,7 +258,8 @@ def check_tokenizer(name: str, tok) -> None:
             f"model '{name}': the tokenizer that transformers {transformers.__version__} made from its GGUF file "
             f"splits text differently from the model's own ({len(got)} tokens where {len(want)} are expected for "
             f"a test sentence, special tokens included), so the model would read text it was not trained on (for "
-            f"Gemma-3, transformers 5.17 spells text out and 5.18-5.22 leave out <bos>; 5.23 and later are right): pip install -U transformers, delete {converted_dir(name)} and run again")
+            f"Gemma-3, transformers 5.17 spells text out and 5.18-5.22 leave out <bos>; 5.23 and later are right): "
+            f"pip install -U transformers, delete {converted_dir(name)} and run again")
 
 
 def prepare(name: str, progress: bool = True, force: bool = False) -> Path:

@@ -70,7 +70,7 @@ def _have_triton() -> bool:
 #: head dims the Triton kernels run. 256 (Gemma3) was left out for one session on a wrong diagnosis: Gemma-3-270M's
 #: perplexity of 578 on an H200 came from its tokenizer (transformers 5.17 converts it wrongly; kvcascade.models now
 #: refuses that), not from the kernels: converted under 5.18, the Triton path gives 7.047 / 8.004 at 8K / 32K where
-#: the reference gives 7.028 / 7.992 on the same GPU (docs/results, "Gemma-3 on the GPU"), and tests/test_triton.py
+#: the reference gives 7.028 / 7.992 on the same GPU (docs/results, "A wrong result, found"), and tests/test_triton.py
 #: passes at 256 there.
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 

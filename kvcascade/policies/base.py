@@ -187,7 +187,8 @@ def _coerce(value, kind):
 # -- helpers shared by policies --------------------------------------------------------------------------
 def keep_indices(score: torch.Tensor, k: int, protect: torch.Tensor | None = None) -> torch.Tensor:
     """Indices ``[B, H, k]`` (sorted) of the ``k`` highest scores; ``protect`` (bool, broadcastable) always kept.
-    Of equal scores at the cut, which are kept is not specified (topk's choice; dropping one: the later ones)."""
+    Of equal scores at the cut, which are kept is topk's choice; when one token is dropped, it is the first of the
+    lowest."""
     s = score.float()
     if protect is not None:
         s = s.masked_fill(protect, float("inf"))
