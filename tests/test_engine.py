@@ -249,3 +249,23 @@ def test_sessions_interleave_like_one_at_a_time(tiny_model_dir):
     assert [s.result().text for s in sessions] == alone
     for s in sessions:
         s.close()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_rotary_tables_equal_the_models_rotary_and_are_made_once(arch):
+    """A decode step with in-cache positions reads cos/sin from one kept table per layer type and capacity: the slices
+    equal what the model's rotary module gives for those positions, the table is made once, and a range past the
+    capacity is computed directly (and not kept)."""
+    model = tiny_model(arch, layers=2)
+    cache = CompressedCache(model, make_policy("streaming", 24))
+    prefill(model, cache, list(range(5, 45)), 16)
+    layer = cache.layers[-1]
+    like = layer.keys
+    for start, count in [(0, layer.capacity), (3, 7), (layer.capacity - 1, 1), (0, 1)]:
+        cos, sin = cache._rope_at(layer, start, count, like)
+        ref_cos, ref_sin = cache.rotary(layer.idx, torch.arange(start, start + count).view(1, -1), like)
+        assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
+    assert len(cache._rope_memo) == 1
+    cos, _ = cache._rope_at(layer, layer.capacity - 2, 5, like)  # past the capacity: computed, not kept
+    assert cos.shape[1] == 5 and len(cache._rope_memo) == 1
+    cache.release()
