@@ -220,6 +220,11 @@ def cmd_report(args) -> int:
 
     from .eval.report import write_report
 
+    if str(args.dir).endswith(".json"):  # a bench generate file: its plot
+        from .bench import plot_generate
+
+        print(f"wrote {plot_generate(args.dir)}", file=sys.stderr)
+        return 0
     files = write_report(args.dir)
     print((Path(args.dir) / "summary.md").read_text())
     print(f"wrote {', '.join(files)} in {args.dir}", file=sys.stderr)
@@ -444,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # K/N: one worker's share (set by --workers)
     e.set_defaults(func=cmd_eval)
 
-    r = sub.add_parser("report", help="rebuild summary.md and plots from an eval folder")
-    r.add_argument("dir")
+    r = sub.add_parser("report", help="rebuild summary.md and plots from an eval folder (or plot a bench generate "
+                       "JSON file)")
+    r.add_argument("dir", help="an eval --out folder, or a FILE.json written by kvcascade bench generate")
     r.set_defaults(func=cmd_report)
 
     bn = sub.add_parser("bench", help="GPU speed benchmarks: attention, kernel, decode, e2e, generate (table + JSON)")

@@ -187,3 +187,23 @@ def test_past_window_warning_is_one_line(tiny_model_dir, tmp_path, capsys):
                         "--prompt", " ".join(["w1"] * 40), "--max-new-tokens", "1", "--quiet"], capsys)
     lines = [line for line in err.splitlines() if "warning" in line]
     assert code == 0 and len(lines) == 1 and lines[0].startswith("kvcascade: warning: policy 'h2o'"), err
+
+
+def test_report_plots_a_bench_generate_file_and_refuses_another_json(tmp_path, capsys):
+    """`kvcascade report FILE.json` draws a bench generate file (decode tokens/s per method and context); a JSON
+    file of another kind gets one clear line and exit 2."""
+    import json
+
+    rows = [{"T": T, "method": m, "decode_tok_s": v} for T in (4096, 32768)
+            for m, v in (("transformers generate, static cache", 200.0), ("kvcascade full, CUDA graphs", 260.0),
+                         ("kvcascade streaming budget 2048, 8 prompts decoded together", 700.0))]
+    rows.append({"T": 4096, "method": "transformers generate, dynamic cache", "error": "cannot run here"})
+    f = tmp_path / "bench_generate.json"
+    f.write_text(json.dumps({"meta": {"device": "test", "model": "m", "new_tokens": 8}, "rows": rows}))
+    code, _, err = run(["report", str(f)], capsys)
+    png = tmp_path / "bench_generate.png"
+    assert code == 0 and png.is_file() and png.stat().st_size > 5000 and str(png) in err
+    other = tmp_path / "profile.json"
+    other.write_text(json.dumps({"device": "test", "rows": []}))
+    code, out, err = run(["report", str(other)], capsys)
+    assert code == 2 and err.startswith("kvcascade: error:") and "bench generate" in err and "Traceback" not in err

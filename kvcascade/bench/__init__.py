@@ -453,4 +453,54 @@ def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "st
     print_table(rows, ["T", "method", "decode_tok_s", "prefill_s", "kv_mib", "note"],
                 f"bench generate ({meta['device']}, {model_name}, {new_tokens} new tokens)")
     write_json(rows, out, {**meta, "complete": True})
+    if out:
+        try:
+            print(f"plot: {plot_generate(out)}", file=sys.stderr)
+        except ImportError:
+            print("kvcascade: matplotlib is not installed; no plot (pip install 'kvcascade[plot]')", file=sys.stderr)
     return list(rows)
+
+
+def plot_generate(json_path, png_path=None) -> Path:
+    """A bar chart of a ``bench generate`` JSON (decode tokens/s per method, one panel per context length), written
+    beside it (``.png``) unless ``png_path`` is given; also ``kvcascade report FILE.json``."""
+    p = Path(json_path)
+    try:
+        data = json.loads(p.read_text())
+        meta, rows = data["meta"], [r for r in data["rows"] if r.get("decode_tok_s")]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KVCascadeError(f"'{p}' is not a JSON file written by kvcascade bench generate ({type(e).__name__})") from None
+    if not rows or "T" not in rows[0]:
+        raise KVCascadeError(f"'{p}' has no decode rows (not a kvcascade bench generate file?)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["T"] for r in rows})
+    methods = list(dict.fromkeys(r["method"].replace("kvcascade ", "").replace("transformers generate, ", "stock, ")
+                                 for r in rows))
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 0.38 * len(methods) + 1.6), sharey=True,
+                             squeeze=False)
+    for ax, T in zip(axes[0], lengths):
+        speed = {r["method"].replace("kvcascade ", "").replace("transformers generate, ", "stock, "): r["decode_tok_s"]
+                 for r in rows if r["T"] == T}
+        vals = [speed.get(m, 0.0) for m in methods]
+        colors = ["tab:gray" if m.startswith("stock") else "tab:orange" if "prompts" in m else
+                  "tab:blue" if "graphs" in m else "tab:cyan" for m in methods]
+        ax.barh(range(len(methods)), vals, color=colors)
+        for i, v in enumerate(vals):
+            if v:
+                ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
+        ax.set_title(f"{_fmt_T(T)} prompt")
+        ax.set_xlabel("decode tokens/s (batch rows: all prompts together)")
+        ax.set_xlim(0, 1.18 * max(vals))
+    axes[0][0].set_yticks(range(len(methods)), methods, fontsize=8)
+    axes[0][0].invert_yaxis()  # the shared axis: the first method on top
+    fig.suptitle(f"kvcascade bench generate: {meta.get('model', '')}, {meta.get('device', '')}, "
+                 f"{meta.get('new_tokens', '')} new tokens", fontsize=10)
+    fig.tight_layout()
+    out = Path(png_path) if png_path else p.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
