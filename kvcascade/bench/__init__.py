@@ -477,14 +477,15 @@ def plot_generate(json_path, png_path=None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def label(row) -> str:
+        return row["method"].replace("kvcascade ", "").replace("transformers generate, ", "stock, ")
+
     lengths = sorted({r["T"] for r in rows})
-    methods = list(dict.fromkeys(r["method"].replace("kvcascade ", "").replace("transformers generate, ", "stock, ")
-                                 for r in rows))
+    methods = list(dict.fromkeys(label(r) for r in rows))
     fig, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 0.38 * len(methods) + 1.6), sharey=True,
                              squeeze=False)
     for ax, T in zip(axes[0], lengths):
-        speed = {r["method"].replace("kvcascade ", "").replace("transformers generate, ", "stock, "): r["decode_tok_s"]
-                 for r in rows if r["T"] == T}
+        speed = {label(r): r["decode_tok_s"] for r in rows if r["T"] == T}
         vals = [speed.get(m, 0.0) for m in methods]
         colors = ["tab:gray" if m.startswith("stock") else "tab:orange" if "prompts" in m else
                   "tab:blue" if "graphs" in m else "tab:cyan" for m in methods]
