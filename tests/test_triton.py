@@ -142,3 +142,38 @@ def test_strided_prefill_benchmark_runs_the_policy_on_kernel_mass():
     fn, flops = strided_prefill(q, k, v, cache=64, stride=32, policy_name="cascade")
     assert flops > 0
     fn()
+
+
+SHARED = [  # B, Hq, H, C, n_cached, D, sinks, recent
+    (1, 4, 2, 16, 20, 16, 2, 5), (2, 6, 2, 33, 40, 32, 1, 7), (1, 2, 1, 1, 50, 16, 4, 9), (1, 4, 2, 20, 0, 16, 0, 64),
+]
+if HAS_CUDA:
+    SHARED += [(1, 14, 2, 1024, 7168, 64, 16, 1008), (1, 14, 2, 1, 8191, 64, 16, 1008), (1, 8, 2, 300, 5000, 128, 4, 700)]
+
+
+@pytest.mark.parametrize("shape", SHARED)
+@pytest.mark.parametrize("share", ["scores", "keys"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_shared_attention_matches_reference(shape, share, per_head):
+    """The inter-layer (PoD) kernel against its reference: proximal keys its own, distant ones the base layer's, one
+    softmax; positions with gaps (an evicting selector's), per head when ``per_head``."""
+    from kvcascade.interlayer.attention import shared_attention as reference
+    from kvcascade.kernels.triton_attention import shared_attention
+
+    B, Hq, H, C, n_cached, D, sinks, recent = shape
+    dtype = DTYPES[-1]
+    q, k, v = _inputs(B, Hq, H, C, n_cached, D, dtype, seed=C)
+    qb, kb, _ = _inputs(B, Hq, H, C, n_cached, D, dtype, seed=C + 1)
+    g = torch.Generator(device="cpu").manual_seed(7)
+    seen = 3 * n_cached + 10  # the cache holds n_cached of the tokens before the chunk
+    if per_head:
+        old = torch.stack([torch.randperm(seen, generator=g)[:n_cached].sort().values for _ in range(B * H)])
+        old = old.view(B, H, n_cached)
+    else:
+        old = torch.randperm(seen, generator=g)[:n_cached].sort().values.view(1, 1, -1).expand(B, H, -1)
+    k_pos = torch.cat([old, torch.arange(seen, seen + C).view(1, 1, -1).expand(B, H, -1)], -1).to(DEV)
+    q_pos = torch.arange(seen, seen + C, device=DEV)
+    kw = dict(scaling=D ** -0.5, q_pos=q_pos, n_sink=sinks, n_recent=recent, k_base=kb, q_base=qb, share=share)
+    got = shared_attention(q, k, v, k_pos=k_pos if per_head else k_pos[0, 0], **kw)
+    want = reference(q.float(), k.float(), v.float(), k_pos=k_pos, **{**kw, "k_base": kb.float(), "q_base": qb.float()})
+    _close(got, want, TOL[dtype], "out")

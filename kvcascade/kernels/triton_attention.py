@@ -422,3 +422,92 @@ def decode_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None,
                                                       HAS_MASS=need_mass, HAS_OBS=bool(obs_w), BLOCK_N=BN2,
                                                       BLOCK_R=BG)
     return out, mass, obs
+
+
+@_jit
+def _shared_fwd_kernel(Q, QB, K, KB, V, O, QPOS, KPOS,
+                       sqb, sqh, sqc, sdb, sdh, sdc, skb, skh, skn, sbb, sbh, sbn, svb, svh, svn, sob, soh, soc,
+                       spb, sph, spn,
+                       Hq, C, N, n_cached, group, scale_log2, n_sink, n_recent,
+                       SCORES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    hq = bh % Hq
+    h = hq // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    rmask = offs_m[:, None] < C
+    q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqc + offs_d[None, :], mask=rmask, other=0.0)
+    if SCORES:  # v1: distant logits are the base layer's own (its queries, its keys)
+        qd = tl.load(QB + b * sdb + hq * sdh + offs_m[:, None] * sdc + offs_d[None, :], mask=rmask, other=0.0)
+    else:  # v2: this layer's queries with the base layer's keys
+        qd = q
+    qpos = tl.load(QPOS + offs_m, mask=offs_m < C, other=-1)
+    kbase = K + b * skb + h * skh
+    bbase = KB + b * sbb + h * sbh
+    vbase = V + b * svb + h * svh
+    pbase = KPOS + b * spb + h * sph
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    hi = tl.minimum(N, n_cached + (pid_m + 1) * BLOCK_M)  # the chunk's keys are the last C: none later is seen
+    for start in range(0, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        kp = tl.load(pbase + offs_n * spn, mask=nmask, other=1 << 30)
+        dist = qpos[:, None] - kp[None, :]
+        seen = (dist >= 0) & nmask[None, :]  # causal, by original position
+        prox = (kp[None, :] < n_sink) | (dist < n_recent)
+        own_ok = seen & prox
+        far_ok = seen & (~prox)
+        s = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+        if tl.max(tl.max(far_ok.to(tl.int32), 1), 0) > 0:  # distant keys in this tile: the base layer's
+            kb = tl.load(bbase + offs_n[:, None] * sbn + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            s = tl.where(far_ok, tl.dot(qd, tl.trans(kb)) * scale_log2, s)
+        if tl.max(tl.max(own_ok.to(tl.int32), 1), 0) > 0:  # proximal keys: the layer's own
+            k = tl.load(kbase + offs_n[:, None] * skn + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            s = tl.where(own_ok, tl.dot(q, tl.trans(k)) * scale_log2, s)
+        v = tl.load(vbase + offs_n[:, None] * svn + offs_d[None, :], mask=nmask[:, None], other=0.0)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    tl.store(O + b * sob + hq * soh + offs_m[:, None] * soc + offs_d[None, :], out.to(O.dtype.element_ty), mask=rmask)
+
+
+SHARED_CONFIG = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}  # BLOCK_M, BLOCK_N, num_warps, num_stages
+
+
+def shared_attention(q, k, v, *, scaling, q_pos, k_pos, n_sink: int, n_recent: int, k_base, q_base=None,
+                     share: str = "scores", block_m: int | None = None, block_n: int | None = None, config=None):
+    """Inter-layer shared attention (PoD), the Triton twin of :func:`kvcascade.interlayer.attention.shared_attention`:
+    one exact softmax over proximal keys (this layer's ``k``) and distant ones (``q_base . k_base`` with
+    ``share="scores"``, ``q . k_base`` with ``"keys"``), always this layer's values. ``k_base`` holds the same tokens
+    as ``k`` at the same indices; ``q_pos`` ``[C]`` and ``k_pos`` (``[N]`` or ``[B, H, N]``) original positions,
+    causality by position; the chunk's keys are the last ``C``. A tile of keys that no query of the tile's rows
+    sees as distant (or as proximal) skips that product, so the work is about one forward's, not two."""
+    B, Hq, C, D, H, N = _check(q, k, v)
+    group = Hq // H
+    scores = share == "scores"
+    q, k, v, kb = _rows(q), _rows(k), _rows(v), _rows(k_base)
+    qb = _rows(q_base) if scores else q
+    if kb.shape != k.shape or (scores and qb.shape != q.shape):
+        raise ValueError(f"base keys {tuple(kb.shape)} / queries {tuple(qb.shape)} do not match {tuple(k.shape)} / "
+                         f"{tuple(q.shape)}")
+    qp = q_pos.reshape(-1).contiguous()
+    kp = k_pos.view(1, 1, -1).expand(B, H, N) if k_pos.dim() == 1 else k_pos.expand(B, H, N)
+    interp = _interpreting()
+    cbm, cbn, cw, cs = config or SHARED_CONFIG.get(D, (32, 32, 4, 2))
+    BM = block_m or (16 if interp else (16 if C <= 16 else cbm))
+    BN = block_n or (16 if interp else cbn)
+    out = torch.empty_like(q)
+    grid = (triton.cdiv(C, BM), B * Hq)
+    _shared_fwd_kernel[grid](q, qb, k, kb, v, out, qp, kp,
+                             q.stride(0), q.stride(1), q.stride(2), qb.stride(0), qb.stride(1), qb.stride(2),
+                             k.stride(0), k.stride(1), k.stride(2), kb.stride(0), kb.stride(1), kb.stride(2),
+                             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                             kp.stride(0), kp.stride(1), kp.stride(2),
+                             Hq, C, N, N - C, group, float(scaling) * LOG2E, int(n_sink), int(n_recent),
+                             SCORES=scores, BLOCK_M=BM, BLOCK_N=BN, D=D,
+                             **({} if interp else {"num_warps": cw, "num_stages": cs}))
+    return out
