@@ -124,6 +124,7 @@ class LayerCache:
         self.peak_tokens = 0
         self.peak_bytes = 0
         self.token_bytes = 0  # K/V bytes of one token in all rows and heads (set at the first append)
+        self.on_compact = None  # a storage layout's hook: on_compact(layer, idx) -> the indices to keep instead
 
     # -- views -------------------------------------------------------------------------------------------
     def _view(self, buf):
@@ -225,6 +226,8 @@ class LayerCache:
         """Keep the tokens at ``idx`` (``[B, H, K]`` or ``[K]``, increasing along the last axis), in place."""
         if self._k is None:
             return
+        if self.on_compact is not None:
+            idx = self.on_compact(self, idx)
         B, H, N, D = self.keys.shape
         K = idx.shape[-1]
         bufs = [self._k, self._v, self._pos, self._score, *self._extra.values()]

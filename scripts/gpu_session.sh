@@ -18,6 +18,8 @@
 #   gemmacheck     Gemma-3-270M converted under the transformers wheel carried in .whl518/ (the lent machine's 5.17
 #                  converts its tokenizer wrongly): KJV-NT perplexity at 8K through the reference and the Triton
 #                  kernels (head dim 256), then scripts/kernel_check.py; pieces g.part* in ~/m/
+#   storage        the inter-layer layout composed with selectors (storage=interlayer; h2o, locret, snapkv at budget 4096):
+#                  KJV-NT perplexity at 32K, passkey and the prose needle at 32K, shipped (0.5) and 0.3 groups; $OUT/storage
 #   share          cross-layer selection (share=none|group|all): passkey and the prose needle ($LENGTHS, $BUDGETS, $CHUNK)
 #   locret GRID    the Locret grid's remaining cells (GRID: timing, query, other, budgets), each into ~/ev/lc_GRID
 #                  (resumable) and $OUT/lc_GRID
@@ -88,6 +90,22 @@ for d in ('0.3','0.5','0.7'):
     $KV bench generate --lengths "${LENGTHS:-4k,32k}" --budget "${BUDGET:-2048}" --new-tokens "${NEW:-128}" \
       --policies "${POLICIES:-full,streaming,h2o,snapkv,locret,locret:decode_window=1,cascade}" \
       --batches "${BATCHES:-8,32}" --out "$OUT/bench_generate.json" 2>/dev/null ;;
+  storage)  # issue 12 part 1: the inter-layer layout under selectors (storage=interlayer), Triton shared attention
+    D=$OUT/storage; mkdir -p $D ~/ev
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py -k shared tests/test_interlayer.py 2>&1 | tail -3
+    G3=docs/results/interlayer_gpu/groups-0.3.json
+    S=storage=interlayer
+    P="full,interlayer:recent=1008,interlayer:groups=$G3:recent=1008"
+    for p in h2o locret; do P="$P,$p,$p:$S,$p:$S:storage_groups=$G3"; done
+    timeout ${TLIM1:-300} $KV eval ppl --device cuda --quiet --text kjv:nt --policies "$P" --budgets 4096 --lengths 32k \
+      --chunk-size 1024 --out ~/ev/st_ppl 2>&1 | tail -14 || true
+    cp ~/ev/st_ppl/results.jsonl $D/ppl_results.jsonl 2>/dev/null || true
+    P2=""
+    for p in snapkv locret h2o; do P2="$P2${P2:+,}$p,$p:$S,$p:$S:storage_groups=$G3"; done
+    timeout ${TLIM2:-300} $KV eval passkey,niah_single:haystack=prose --device cuda --quiet --haystack-file kjv:nt \
+      --policies "$P2" --budgets 4096 --lengths 32k --samples ${NSAMP:-10} --chunk-size 1024 --workers 8 \
+      --out ~/ev/st_needle 2>&1 | tail -24 || true
+    cp ~/ev/st_needle/results.jsonl $D/needle_results.jsonl 2>/dev/null || true ;;
   share)
     P="cascade,cascade:share=group,cascade:share=all,h2o,h2o:share=group,locret,locret:share=group"
     for task in ${TASKS:-passkey niah_single:haystack=prose}; do

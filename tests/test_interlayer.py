@@ -251,3 +251,118 @@ def test_shipped_groups_found_for_the_default_model_only():
     assert find_shipped(tiny_model("qwen2", layers=2)) is None
     with pytest.raises(KVCascadeError, match="no inter-layer groups ship"):
         CompressedCache(tiny_model("qwen2", layers=2), make_policy("interlayer"))
+
+
+# -- storage=interlayer: the layout composed with a selector (bounded memory) ----------------------------------
+COMPOSED = [("h2o", {}), ("tova", {}), ("snapkv", {"window": 4, "chunked": True}),
+            ("locret", {"heads": "random", "local": 4, "decode_window": 4})]
+
+
+@pytest.mark.parametrize("name,args", COMPOSED, ids=[c[0] for c in COMPOSED])
+def test_storage_with_every_layer_alone_is_the_selector(name, args, tmp_path):
+    """No block shares anything: the composed policy is the selector, logits and kept tokens."""
+    from kvcascade import make_policy
+    from kvcascade.cache import CompressedCache
+
+    from .conftest import run_chunks
+
+    model = tiny_model("qwen2", layers=3)
+    ids = torch.randint(0, 96, (1, 48), generator=torch.Generator().manual_seed(4))
+    alone = _groups(model, tmp_path, [[[0], [1], [2]]] * 2)
+    plain = CompressedCache(model, make_policy(name, 20, **args))
+    composed = CompressedCache(model, make_policy(name, 20, storage="interlayer", storage_groups=alone,
+                                                  storage_sinks=1, storage_recent=4, **args))
+    want = torch.cat([run_chunks(model, plain, ids[:, :40], 8), run_chunks(model, plain, ids[:, 40:], 1)], 1)
+    got = torch.cat([run_chunks(model, composed, ids[:, :40], 8), run_chunks(model, composed, ids[:, 40:], 1)], 1)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(plain.layers, composed.layers):
+        assert torch.equal(a.pos, b.pos)
+
+
+def test_storage_without_eviction_is_the_interlayer_policy(tmp_path):
+    """Budget above the sequence: nothing is evicted, and h2o with the layout is the `interlayer` policy."""
+    from kvcascade import make_policy
+    from kvcascade.cache import CompressedCache
+
+    from .conftest import run_chunks
+
+    model = tiny_model("qwen2", layers=3)
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(2))
+    together = _groups(model, tmp_path, [[[0, 1, 2]], [[0], [1, 2]]])
+    for share in ("scores", "keys"):
+        il = run_chunks(model, CompressedCache(model, make_policy("interlayer", groups=together, sinks=1, recent=4,
+                                                                  share=share)), ids, 8)
+        composed = CompressedCache(model, make_policy("h2o", 64, storage="interlayer", storage_groups=together,
+                                                      storage_sinks=1, storage_recent=4, storage_share=share))
+        torch.testing.assert_close(run_chunks(model, composed, ids, 8), il)
+
+
+@pytest.mark.parametrize("name,args", COMPOSED, ids=[c[0] for c in COMPOSED])
+def test_storage_heads_follow_their_base(name, args, tmp_path):
+    """Within a block every layer holds its base's tokens (so distant keys can be shared), the selector's budget
+    holds, the base layer selects as the selector alone does, and the layout's bytes are counted."""
+    from kvcascade import make_policy
+    from kvcascade.cache import CompressedCache
+
+    from .conftest import run_chunks
+
+    model = tiny_model("qwen2", layers=3)
+    ids = torch.randint(0, 96, (1, 60), generator=torch.Generator().manual_seed(5))
+    blocks = [[[0, 1, 2]], [[0], [1, 2]]]
+    g = _groups(model, tmp_path, blocks)
+    plain = CompressedCache(model, make_policy(name, 20, **args))
+    cache = CompressedCache(model, make_policy(name, 20, storage="interlayer", storage_groups=g, storage_sinks=1,
+                                               storage_recent=4, **args))
+    assert not cache.policy.graph_safe and not cache.policy.batchable
+    want = run_chunks(model, plain, ids[:, :48], 8)
+    got = run_chunks(model, cache, ids[:, :48], 8)
+    for _ in range(2):
+        L = cache.layers
+        assert all(len(layer) <= 20 + 8 for layer in L)
+        assert torch.equal(L[1].pos[:, 0], L[0].pos[:, 0]) and torch.equal(L[2].pos[:, 0], L[0].pos[:, 0])
+        assert torch.equal(L[2].pos[:, 1], L[1].pos[:, 1])
+        assert torch.equal(L[0].pos, plain.layers[0].pos)  # the lowest layer is every head's base
+        run_chunks(model, cache, ids[:, 48:50], 1)
+        run_chunks(model, plain, ids[:, 48:50], 1)
+    assert not torch.allclose(got[:, -1], want[:, -1], atol=1e-4)  # distant tokens went through the base
+    N, per = len(L[0]), 16 * 4  # head dim 16, fp32
+    prox = min(N, 1 + 4)
+    assert cache.policy.layer_bytes(L[0]) == 2 * 2 * N * per
+    assert cache.policy.layer_bytes(L[1]) == 2 * N * per + (prox + N) * per  # head 0 follows layer 0
+    assert cache.policy.layer_bytes(L[2]) == 2 * N * per + 2 * prox * per
+    assert cache.kv_bytes_peak() < plain.kv_bytes_peak()
+
+
+def test_storage_bad_inputs(tmp_path):
+    from kvcascade import make_policy
+    from kvcascade.cache import CompressedCache
+
+    with pytest.raises(KVCascadeError, match="storage must be none or interlayer"):
+        make_policy("h2o", 64, storage="quant")
+    with pytest.raises(KVCascadeError, match="has no parameter storage"):
+        make_policy("pyramidkv", 64, storage="interlayer")
+    with pytest.raises(KVCascadeError, match="has no parameter storage"):
+        make_policy("cascade", 64, storage="interlayer")
+    with pytest.raises(KVCascadeError, match="storage_share must be"):
+        make_policy("h2o", 64, storage="interlayer", storage_recent=8, storage_share="values")
+    with pytest.raises(KVCascadeError, match="must be below the budget"):
+        make_policy("tova", 64, storage="interlayer")  # 16 + 1008 proximal tokens: nothing would be shared
+    with pytest.raises(KVCascadeError, match="does not exist"):
+        make_policy("snapkv", 64, storage="interlayer", storage_recent=8, storage_groups="/no/groups.json")
+    with pytest.raises(KVCascadeError, match="no inter-layer groups ship"):
+        CompressedCache(tiny_model("qwen2", layers=2), make_policy("h2o", 64, storage="interlayer", storage_recent=8))
+    model = tiny_model("qwen2", layers=3)
+    g = _groups(model, tmp_path, [[[0, 1, 2]]] * 2)
+    with pytest.raises(KVCascadeError, match="calibrated for tiny"):
+        CompressedCache(tiny_model("llama", layers=2), make_policy("h2o", 64, storage="interlayer",
+                                                                  storage_recent=8, storage_groups=g))
+    assert make_policy("h2o", 64).storage == "none" and make_policy("h2o", 64).graph_safe
+
+
+def test_storage_cli_error_is_one_line(capsys):
+    from kvcascade.cli import main
+
+    assert main(["generate", "--model", "/nonexistent-model", "--prompt", "x", "--policy", "h2o", "--budget", "64",
+                 "--policy-arg", "storage=interlayer"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kvcascade: error:") and "below the budget" in err[0], err

@@ -9,18 +9,19 @@ Original positions (``positions=cache``: slot positions, as StreamingLLM, for st
 
 from .base import Policy, PositionsParam, keep_indices, recent_mask, register
 from .share import SHARE_DOCS, SHARE_PARAMS, ShareParam
+from .storage import STORAGE_DOCS, STORAGE_PARAMS, StorageParam
 
 
 @register
-class H2O(ShareParam, PositionsParam, Policy):
+class H2O(StorageParam, ShareParam, PositionsParam, Policy):
     """Heavy hitters (accumulated attention) + recent tokens, per KV head (H2O, arXiv 2306.14048)."""
 
     name = "h2o"
     graph_safe = True
-    PARAMS = {"budget": 2048, "recent_ratio": 0.5, "positions": "original", **SHARE_PARAMS}
+    PARAMS = {"budget": 2048, "recent_ratio": 0.5, "positions": "original", **SHARE_PARAMS, **STORAGE_PARAMS}
     DOCS = {"budget": "tokens kept per layer and KV head",
             "recent_ratio": "share of the budget reserved for the most recent tokens (paper: 0.5)",
-            "positions": PositionsParam.POSITIONS_DOC, **SHARE_DOCS}
+            "positions": PositionsParam.POSITIONS_DOC, **SHARE_DOCS, **STORAGE_DOCS}
     needs_mass = True
 
     def validate(self) -> None:

@@ -12,8 +12,10 @@ its own values, in one exact softmax (:func:`kvcascade.interlayer.attention.shar
 Storage: in this layout a non-base layer needs no keys for distant tokens, so the KV bytes reported
 (``kv_bytes_peak``) are those of the PoD layout, computed exactly per KV head: base heads keep K and V for
 every token, the others V for every token and K for the proximal ones. **Physically the cache still holds every
-key** until per-head storage lands (issue 13's preallocated storage); the memory figure is the method's, not
-this implementation's. The paper adapts the model to the sharing with billions of tokens of post-training; this
+key** (one buffer per layer holds all its KV heads alike); the memory figure is the method's, not this
+implementation's. The same layout composes with a selector for bounded memory: ``storage=interlayer`` on
+``h2o``, ``tova``, ``snapkv`` or ``locret`` (:mod:`kvcascade.policies.storage`). On CUDA the shared heads run a
+Triton kernel (:func:`kvcascade.kernels.triton_attention.shared_attention`), elsewhere the PyTorch reference. The paper adapts the model to the sharing with billions of tokens of post-training; this
 is the version without it, which is expected to lose some quality: measure it.
 
 Defaults and their sources: ``sinks=16``, ``recent=4080`` (the paper's 16 + 4080 proximal tokens);
@@ -56,15 +58,15 @@ class Interlayer(Policy):
             self._use(self.groups)  # a missing or broken file is refused here, before any model is loaded
 
     def _use(self, path) -> None:
-        from ..interlayer.calibrate import base_layers, load_groups, regroup
+        from ..interlayer.calibrate import load_groups, regroup
 
         info = load_groups(path)
         self._info = regroup(info, self.delta) if self.delta != -1.0 else info
-        self._base_of = base_layers(self._info["groups"])  # [layer][kv head]
         self._path = str(path)
 
     def setup(self, cache) -> None:
-        from ..interlayer.calibrate import check_groups, find_shipped
+        from ..interlayer.calibrate import base_layers, check_groups, find_shipped
+        from .storage import SharedLayout
 
         if any(layer.is_sliding for layer in cache.layers):
             raise KVCascadeError("policy 'interlayer' does not apply to models with sliding-window layers (Gemma3's "
@@ -76,46 +78,25 @@ class Interlayer(Policy):
                                      "interlayer --model NAME --out groups.json, then --policy-arg groups=groups.json")
             self._use(path)
         check_groups(self._info, cache._model, self._path)  # one clear error for another model's groups
-        cache.aux["interlayer"] = {"queries": {}}
+        # nothing is ever evicted: a later layer of a block reads its base's cache directly
+        self._layout = SharedLayout(base_layers(self._info["groups"]), sinks=self.sinks, recent=self.recent,
+                                    share=self.share, snapshot=False)
+        cache.aux["interlayer"] = self._layout
 
     def teardown(self, cache) -> None:
         cache.aux.pop("interlayer", None)
 
     def attention(self, cache, layer, query, k_all, v_all, *, q_orig, k_orig, scaling, softcap):
-        from ..interlayer.attention import shared_attention
         from ..kernels import attention_with_scores
 
-        state = cache.aux["interlayer"]
-        i = layer.idx
-        bases = self._base_of[i]
-        H = k_all.shape[1]
-        g = query.shape[1] // H
-        if self.share == "scores" and any(self._base_of[j][h] == i for j in range(i + 1, cache.num_layers)
-                                          for h in range(H)):
-            state["queries"][i] = query  # a later layer of its block scores distant tokens with these
         out, _, _ = attention_with_scores(query, k_all, v_all, scaling=scaling, softcap=softcap, q_orig=q_orig,
                                           k_orig=k_orig, need_mass=False)
-        for h, base in enumerate(bases):
-            if base == i:
-                continue
-            k_base = cache.layers[base].keys[:, h:h + 1]  # the base appended this chunk already (lower layer)
-            qs = slice(h * g, (h + 1) * g)
-            q_base = state["queries"][base][:, qs] if self.share == "scores" else None
-            out[:, qs] = shared_attention(query[:, qs], k_all[:, h:h + 1], v_all[:, h:h + 1], scaling=scaling,
-                                          q_pos=q_orig, k_pos=k_orig[0, 0], n_sink=self.sinks,
-                                          n_recent=self.recent, k_base=k_base, q_base=q_base, share=self.share)
-        if i == cache.num_layers - 1:
-            state["queries"].clear()
+        out = cache.aux["interlayer"].attention(cache, layer, query, k_all, v_all, out, q_orig=q_orig,
+                                                k_orig=k_orig, scaling=scaling)
         return out, None, None
 
     def layer_bytes(self, layer) -> int:
-        if layer.keys is None:
-            return 0
-        B, H, N, D = layer.keys.shape
-        per = B * D * layer.keys.element_size()
-        prox = min(N, self.sinks + self.recent)
-        keys = sum(N if base == layer.idx else prox for base in self._base_of[layer.idx]) * per
-        return keys + H * N * per
+        return self._layout.layer_bytes(layer)
 
     def step(self, cache, layer, stats) -> None:
         return None

@@ -33,12 +33,13 @@ import torch
 from ..errors import KVCascadeError
 from .base import Policy, keep_indices, recent_mask, register
 from .share import SHARE_DOCS, SHARE_PARAMS, ShareParam
+from .storage import STORAGE_DOCS, STORAGE_PARAMS, StorageParam
 
 PAPER_STABILIZER_RATIO = 2500 / 6000
 
 
 @register
-class Locret(ShareParam, Policy):
+class Locret(StorageParam, ShareParam, Policy):
     """Trained retaining heads score each unit on arrival; chunked prefill keeps the top `budget` (Locret, arXiv 2410.01805)."""
 
     name = "locret"
@@ -46,14 +47,14 @@ class Locret(ShareParam, Policy):
     grows_below_cap = True  # evicts nothing until the cache passes its cap (budget + local + decode window): padded
     position_mode = "cache"
     PARAMS = {"budget": 2048, "stabilizers": -1, "local": 100, "heads": "auto", "decode": "bounded",
-              "decode_window": 512, **SHARE_PARAMS}
+              "decode_window": 512, **SHARE_PARAMS, **STORAGE_PARAMS}
     DOCS = {"budget": "units kept per layer and KV head after each prefill chunk (paper's b)",
             "stabilizers": "most recent units protected after each prefill chunk but the last (paper's n_s; "
                            "-1: round(budget * 2500/6000), the paper's ratio)",
             "local": "final prompt tokens run last and never evicted (paper's n_loc: 100)",
             "heads": "auto (shipped heads for the model), a .safetensors path, or random (untrained ablation)",
             "decode": "bounded (ours: evict past budget + local + decode_window) or grow (the paper: keep all)",
-            "decode_window": "bounded decode: newest units never evicted while decoding", **SHARE_DOCS}
+            "decode_window": "bounded decode: newest units never evicted while decoding", **SHARE_DOCS, **STORAGE_DOCS}
 
     def validate(self) -> None:
         super().validate()

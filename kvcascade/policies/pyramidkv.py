@@ -18,8 +18,9 @@ class PyramidKV(SnapKV):
     """SnapKV selection with a linearly decreasing per-layer budget (PyramidKV, arXiv 2406.02069)."""
 
     name = "pyramidkv"
-    PARAMS = {**SnapKV.PARAMS, "beta": 20}
-    DOCS = {**SnapKV.DOCS, "beta": "pyramid steepness: the top layer keeps (budget - window) / beta (paper: 20)",
+    # no storage=interlayer: its layers keep different counts, so a block's layers cannot share distant keys
+    PARAMS = {**{k: v for k, v in SnapKV.PARAMS.items() if not k.startswith("storage")}, "beta": 20}
+    DOCS = {**{k: v for k, v in SnapKV.DOCS.items() if not k.startswith("storage")}, "beta": "pyramid steepness: the top layer keeps (budget - window) / beta (paper: 20)",
             "budget": "average tokens kept per layer and KV head after prefill (window included)"}
 
     def validate(self) -> None:

@@ -17,21 +17,24 @@ import torch.nn.functional as F
 
 from ..errors import KVCascadeError
 from .base import Policy, keep_indices, register
+from .storage import STORAGE_DOCS, STORAGE_PARAMS, StorageParam
 
 
 @register
-class SnapKV(Policy):
+class SnapKV(StorageParam, Policy):
     """Observation-window attention, pooled, per-head top-k at the end of prefill (SnapKV, arXiv 2404.14469)."""
 
     name = "snapkv"
     graph_safe = True
     grows_below_cap = True  # evicts only beyond the cap: below it, decode runs padded
-    PARAMS = {"budget": 2048, "window": 32, "kernel": 7, "pooling": "max", "chunked": False}
+    PARAMS = {"budget": 2048, "window": 32, "kernel": 7, "pooling": "max", "chunked": False,
+              **STORAGE_PARAMS}
     DOCS = {"budget": "tokens kept per layer and KV head after prefill (window included)",
             "window": "observation window: last prompt tokens whose attention scores the prefix (paper: 32)",
             "kernel": "1-D pooling kernel over key positions (odd)",
             "pooling": "max or avg",
-            "chunked": "also compress after every prompt chunk (bounded prefill memory), not only the last"}
+            "chunked": "also compress after every prompt chunk (bounded prefill memory), not only the last",
+            **STORAGE_DOCS}
 
     def validate(self) -> None:
         super().validate()

@@ -8,18 +8,19 @@ decision is shared by the heads of a layer. No accumulation across steps. Origin
 
 from .base import Policy, PositionsParam, keep_indices, register
 from .share import SHARE_DOCS, SHARE_PARAMS, ShareParam
+from .storage import STORAGE_DOCS, STORAGE_PARAMS, StorageParam
 
 
 @register
-class TOVA(ShareParam, PositionsParam, Policy):
+class TOVA(StorageParam, ShareParam, PositionsParam, Policy):
     """Keep the tokens the newest query attends to most, averaged over heads (TOVA, arXiv 2401.06104)."""
 
     name = "tova"
     graph_safe = True
     grows_below_cap = True  # evicts only beyond the cap: below it, decode runs padded
-    PARAMS = {"budget": 2048, "positions": "original", **SHARE_PARAMS}
+    PARAMS = {"budget": 2048, "positions": "original", **SHARE_PARAMS, **STORAGE_PARAMS}
     DOCS = {"budget": "tokens kept per layer (all heads keep the same tokens)",
-            "positions": PositionsParam.POSITIONS_DOC, **SHARE_DOCS}
+            "positions": PositionsParam.POSITIONS_DOC, **SHARE_DOCS, **STORAGE_DOCS}
     obs_window = 1
 
     def step(self, cache, layer, stats) -> None:
