@@ -29,6 +29,7 @@ sees a position past ``budget + chunk`` and a prompt far longer than its window 
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 from dataclasses import dataclass
 
@@ -125,6 +126,7 @@ class LayerCache:
         self.peak_bytes = 0
         self.token_bytes = 0  # K/V bytes of one token in all rows and heads (set at the first append)
         self.on_compact = None  # a storage layout's hook: on_compact(layer, idx) -> the indices to keep instead
+        self.scratch: dict = {}  # buffers drop_one's kernels write through (the cache shares one dict among layers)
 
     # -- views -------------------------------------------------------------------------------------------
     def _view(self, buf):
@@ -244,8 +246,52 @@ class LayerCache:
         self.n = K
 
     def keep_last(self, n: int) -> None:
-        if len(self) > n:
+        if len(self) == n + 1:
+            self.drop_one(victim=0)
+        elif len(self) > n:
             self.compact(torch.arange(len(self) - n, len(self), device=self._k.device))
+
+    def drop_one(self, score: torch.Tensor | None = None, hi: int | None = None, *, victim: int | None = None) -> None:
+        """Drop one token from every row and KV head, in place: the first of the lowest ``score`` (``[B, H | 1, n]``)
+        among the slots before ``hi`` (the newer ones are protected), or slot ``victim``. What a decode step at the
+        budget does; on CUDA two Triton kernels (:mod:`kvcascade.kernels.triton_cache`) instead of a dozen, elsewhere
+        (or with a storage hook, or extra per-token tensors) the same through :func:`keep_indices` and
+        :meth:`compact`."""
+        n = self.n
+        hi = n if hi is None else max(0, min(hi, n))
+        if _fused_edits(self):
+            from .kernels import triton_cache
+
+            bufs = (self._k, self._v, self._pos, self._score)
+            key = tuple((tuple(b.shape), b.dtype) for b in bufs)
+            scratch = self.scratch.get(key)
+            if scratch is None:
+                scratch = self.scratch[key] = tuple(torch.empty_like(b) for b in bufs)
+            triton_cache.drop_one(*bufs, scratch, n, select=score, hi=hi, victim=victim, empty=EMPTY_POS)
+            self.n = n - 1
+            return
+        dev = self._k.device
+        if victim is not None:
+            ar = torch.arange(n - 1, device=dev)
+            self.compact(ar + (ar >= victim).long())
+            return
+        from .policies.base import keep_indices
+
+        protect = torch.zeros(n, dtype=torch.bool, device=dev)
+        protect[hi:] = True
+        self.compact(keep_indices(score, n - 1, protect))
+
+
+def _fused_edits(layer: LayerCache) -> bool:
+    """Whether :meth:`LayerCache.drop_one` runs its Triton kernels: CUDA buffers, triton installed, kernels not
+    forced to the reference (``KVCASCADE_KERNELS=reference``), no storage hook and no extra per-token tensors."""
+    if layer._k is None or not layer._k.is_cuda or layer.on_compact is not None or layer._extra:
+        return False
+    if os.environ.get("KVCASCADE_KERNELS", "auto") == "reference":
+        return False
+    from .kernels import _have_triton
+
+    return _have_triton() and layer._k.shape[-1] in (16, 32, 64, 128, 256) and layer._v.shape[-1] == layer._k.shape[-1]
 
 
 class _Rotary:
@@ -334,6 +380,9 @@ class CompressedCache(Cache):
         self.rotary = _Rotary(model)
         windows = _layer_windows(config)
         self.layers = [LayerCache(i, w) for i, w in enumerate(windows)]
+        scratch: dict = {}
+        for layer in self.layers:
+            layer.scratch = scratch  # one scratch per buffer shape, whichever layer edits
         self.num_layers = len(self.layers)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads

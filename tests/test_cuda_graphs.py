@@ -49,6 +49,21 @@ def test_graphs_replay_the_steady_state_with_the_same_tokens(spec, monkeypatch):
         assert torch.equal(a, b)  # the same tokens kept, in the same slots
 
 
+@cuda
+@pytest.mark.parametrize("spec", BOUNDED, ids=[s[0] for s in BOUNDED])
+def test_fused_eviction_keeps_what_the_pytorch_path_keeps(spec, monkeypatch):
+    """A decode step at the budget drops one token with two Triton kernels (LayerCache.drop_one); with them turned
+    off (keep_indices + compact) every step keeps the same tokens in the same slots and decodes the same tokens."""
+    import kvcascade.cache as cache_mod
+
+    model = tiny_model("qwen2", layers=3).to("cuda", torch.bfloat16)
+    fused, _, pos_f = _decode(model, spec, monkeypatch, graphs=True)
+    monkeypatch.setattr(cache_mod, "_fused_edits", lambda layer: False)
+    plain, _, pos_p = _decode(model, spec, monkeypatch, graphs=True)
+    assert fused == plain
+    assert all(torch.equal(a, b) for a, b in zip(pos_f, pos_p))
+
+
 CASCADES = [("cascade", {"budget": 32}), ("cascade", {"budget": 32, "rule": "fixed"}),
             ("cascade", {"budget": 48, "block": 4, "cascades": 2})]
 

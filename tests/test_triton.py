@@ -177,3 +177,42 @@ def test_shared_attention_matches_reference(shape, share, per_head):
     got = shared_attention(q, k, v, k_pos=k_pos if per_head else k_pos[0, 0], **kw)
     want = reference(q.float(), k.float(), v.float(), k_pos=k_pos, **{**kw, "k_base": kb.float(), "q_base": qb.float()})
     _close(got, want, TOL[dtype], "out")
+
+
+DROPS = [  # B, H, n, capacity, D, mode, lo/hi or victim
+    (1, 2, 40, 48, 16, "score", 30), (2, 3, 33, 33, 32, "score", 33), (1, 2, 20, 24, 16, "score", 0),
+    (1, 1, 300, 320, 64, "shared", 300), (1, 2, 17, 20, 16, "victim", 4), (2, 2, 9, 12, 16, "victim", 0),
+]
+if HAS_CUDA:
+    DROPS += [(1, 2, 2049, 2304, 64, "score", 1025), (4, 8, 4097, 4352, 128, "shared", 4097),
+              (1, 2, 2049, 2049, 64, "victim", 4)]
+
+
+@pytest.mark.parametrize("shape", DROPS)
+def test_drop_one_matches_keep_indices_and_compact(shape):
+    """The fused one-token eviction of a decode step at the budget, against the PyTorch path (keep_indices +
+    compact): the same slots kept in the same order, in every buffer, ties going to the first lowest score."""
+    from kvcascade.cache import EMPTY_POS, LayerCache
+    from kvcascade.kernels.triton_cache import drop_one
+
+    B, H, n, cap, D, mode, arg = shape
+    g = torch.Generator(device="cpu").manual_seed(n)
+    ref = LayerCache(0, None)
+    ref.reserve(cap)
+    ref.append(torch.randn(B, H, n, D, generator=g), torch.randn(B, H, n, D, generator=g))
+    ref.score = torch.randint(0, 5, (B, H, n), generator=g).float()  # many ties
+    bufs = [t.clone().to(DEV) for t in (ref._k, ref._v, ref._pos, ref._score)]
+    if mode == "shared":  # one score for every KV head (TOVA)
+        select = torch.randint(0, 3, (B, 1, n), generator=g).float()
+        ref.drop_one(select)
+        drop_one(*bufs, tuple(torch.empty_like(b) for b in bufs), n, select=select.to(DEV), empty=EMPTY_POS)
+    elif mode == "score":
+        ref.drop_one(ref.score.clone(), arg)
+        drop_one(*bufs, tuple(torch.empty_like(b) for b in bufs), n, select=bufs[3][:, :, :n].clone(), hi=arg,
+                 empty=EMPTY_POS)
+    else:
+        ref.drop_one(victim=arg)
+        drop_one(*bufs, tuple(torch.empty_like(b) for b in bufs), n, victim=arg, empty=EMPTY_POS)
+    assert len(ref) == n - 1
+    for name, want, got in zip(("keys", "values", "pos", "score"), (ref._k, ref._v, ref._pos, ref._score), bufs):
+        assert torch.equal(got[:, :, :n].cpu(), want[:, :, :n]), name

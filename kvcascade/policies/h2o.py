@@ -43,5 +43,8 @@ class H2O(StorageParam, ShareParam, PositionsParam, Policy):
         if n <= self.budget:
             return
         recent = int(self.budget * self.recent_ratio)
+        if n == self.budget + 1 and self.share == "none":  # a decode step: one token goes (fused on CUDA)
+            layer.drop_one(layer.score, n - recent)
+            return
         layer.compact(keep_indices(self.shared(cache, layer, layer.score), self.budget,
                                    recent_mask(n, recent, layer.score.device)))

@@ -159,6 +159,8 @@ class Locret(StorageParam, ShareParam, Policy):
         if self.decode == "grow":
             return
         cap = self.budget + self.local + self.decode_window
-        if n > cap:
+        if n == cap + 1 and self.share == "none":  # one token goes (fused on CUDA)
+            layer.drop_one(layer.score, n - (self.local + self.decode_window))
+        elif n > cap:
             protect = recent_mask(n, self.local + self.decode_window, layer.keys.device)
             layer.compact(keep_indices(self.shared(cache, layer, layer.score), cap, protect))

@@ -26,6 +26,9 @@ class Streaming(Policy):
         if n <= self.budget:
             return
         recent = self.budget - self.sinks
+        if n == self.budget + 1:  # a decode step: the oldest token after the sinks goes (fused on CUDA)
+            layer.drop_one(victim=self.sinks)
+            return
         dev = layer.keys.device  # indices made on the device: a host tensor copied over would sync
         idx = torch.cat([torch.arange(self.sinks, device=dev), torch.arange(n - recent, n, device=dev)])
         layer.compact(idx)

@@ -27,4 +27,7 @@ class TOVA(StorageParam, ShareParam, PositionsParam, Policy):
         if len(layer) <= self.budget:
             return
         score = stats.obs.mean(dim=1, keepdim=True) / stats.group  # [B, 1, N]
+        if len(layer) == self.budget + 1 and self.share == "none":  # a decode step: one token goes (fused on CUDA)
+            layer.drop_one(score)
+            return
         layer.compact(keep_indices(self.shared(cache, layer, score), self.budget))
