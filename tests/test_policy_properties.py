@@ -217,6 +217,23 @@ def test_share_lets_one_layers_importance_protect_a_token_in_an_alike_layer():
     assert _two_layer_h2o("all").layers[0].pos[0, 0].tolist() == _two_layer_h2o("none").layers[0].pos[0, 0].tolist()
 
 
+def test_share_combine_mean_averages_the_alike_layers_percentiles():
+    from kvcascade.cache import AttnStats
+    from kvcascade.policies.share import percentile
+
+    policy = make_policy("h2o", budget=8, recent_ratio=0.5, share="all", share_combine="mean")
+    cache = CompressedCache(MODEL, policy)
+    g = torch.Generator().manual_seed(3)
+    m0, m1 = torch.rand(1, 2, 12, generator=g), torch.rand(1, 2, 12, generator=g)
+    k = torch.zeros(1, 2, 12, 16)
+    for layer in cache.layers:
+        layer.append(k, k)
+    policy.step(cache, cache.layers[0], AttnStats(m0.clone(), None, 12, 2, "prefill", True))
+    got = policy.shared(cache, cache.layers[1], m1)
+    torch.testing.assert_close(got, (percentile(m0) + percentile(m1)) / 2)
+    assert make_policy("h2o", budget=8, share="all").share_combine == "max"
+
+
 def test_share_group_follows_the_groups_file(tmp_path):
     import json
 
@@ -254,6 +271,8 @@ def test_share_bad_inputs():
 
     with pytest.raises(KVCascadeError, match="share must be"):
         make_policy("cascade", 64, share="some")
+    with pytest.raises(KVCascadeError, match="share_combine must be max or mean"):
+        make_policy("locret", 64, share="all", share_combine="median")
     with pytest.raises(KVCascadeError, match="does not exist"):
         make_policy("h2o", 64, share="group", share_groups="/no/such.json")
     with pytest.raises(KVCascadeError, match="none ship for this model"):

@@ -10,8 +10,10 @@ from ``kvcascade calibrate interlayer``); ``share=all`` treats every layer as al
 is the policy as published. How: scores of different layers are on different scales (attention mass, an EMA,
 a trained head's logit), so each layer's scores are turned into per-row percentiles (rank / (n - 1), in [0, 1]);
 when layer ``i`` selects, a token's score is the largest percentile it has in any layer of ``i``'s block that has
-already scored this forward pass (the lower layers of the block, and ``i`` itself), matched by original position.
-A token a lower layer already dropped counts only where it is still held. Selection then runs on those combined
+already scored this forward pass (the lower layers of the block, and ``i`` itself), matched by original position
+(``share_combine=max``, the default), or the mean of those percentiles (``share_combine=mean``, ours too: the
+largest of 24 saturates, since many tokens reach a top percentile in some layer; measured to lose recent keys at
+256K). A token a lower layer already dropped counts 0 there (for ``max``: only where it is still held). Selection then runs on those combined
 scores; everything else about the policy is unchanged (budgets, protected tokens, positions).
 """
 
@@ -21,10 +23,12 @@ import torch
 
 from ..errors import KVCascadeError
 
-SHARE_PARAMS = {"share": "none", "share_groups": "auto"}
+SHARE_PARAMS = {"share": "none", "share_groups": "auto", "share_combine": "max"}
 SHARE_DOCS = {"share": "none (the paper), group (a token's importance in a layer protects it in the layers of the "
                        "same inter-layer block) or all (in every layer)",
-              "share_groups": "share=group: groups file from kvcascade calibrate interlayer, or auto (shipped)"}
+              "share_groups": "share=group: groups file from kvcascade calibrate interlayer, or auto (shipped)",
+              "share_combine": "max (a token's largest percentile in the alike layers) or mean (their average; a "
+                               "layer that no longer holds the token counts 0)"}
 
 
 def percentile(score: torch.Tensor) -> torch.Tensor:
@@ -42,6 +46,8 @@ class ShareParam:
         super().validate()
         if self.share not in ("none", "group", "all"):
             raise KVCascadeError(f"policy '{self.name}': share must be none, group or all, got '{self.share}'")
+        if self.share_combine not in ("max", "mean"):
+            raise KVCascadeError(f"policy '{self.name}': share_combine must be max or mean, got '{self.share_combine}'")
         if self.share == "group" and self.share_groups != "auto":
             from ..interlayer.calibrate import load_groups
 
@@ -89,6 +95,8 @@ class ShareParam:
         pos = layer.pos if R == layer.pos.shape[1] else layer.pos[:, :1]
         own = percentile(score)
         combined = own
+        mean = self.share_combine == "mean"
+        count = 1.0
         i = layer.idx
         for j, (seen, pos_j, own_j) in records.items():
             if j == i or seen != layer.seen:  # another forward pass's record
@@ -101,11 +109,17 @@ class ShareParam:
             idx = torch.searchsorted(pos_j, pos.contiguous()).clamp(max=pos_j.shape[-1] - 1)
             hit = pos_j.gather(-1, idx) == pos
             val = torch.where(hit, own_j.gather(-1, idx), torch.zeros((), device=own.device))
+            weight = 1.0
             if not all(same):  # some KV heads of layer j are in i's block, others not: mask made once, on the device
                 key = (i, j, R)
                 if key not in aux["masks"]:
                     aux["masks"][key] = torch.tensor(same, dtype=val.dtype, device=val.device).view(1, -1, 1)
-                val = val * aux["masks"][key]
-            combined = torch.maximum(combined, val)
+                weight = aux["masks"][key]
+                val = val * weight
+            if mean:
+                combined = combined + val
+                count = count + weight
+            else:
+                combined = torch.maximum(combined, val)
         records[i] = (layer.seen, pos.contiguous().clone(), own)
-        return combined
+        return combined / count if mean else combined
