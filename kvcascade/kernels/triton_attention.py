@@ -66,6 +66,16 @@ def _online_softmax_step(s, v, m_i, l_i, acc):
 
 
 @triton.jit
+def _query_rows(Hq, group, BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """A forward program's batch row, query head, KV head, query offsets and dim offsets (grid: query blocks x
+    batch * query heads)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    hq = bh % Hq
+    return pid_m, bh // Hq, hq, hq // group, pid_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, D)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, KPOS,
                 sqb, sqh, sqc, skb, skh, skn, svb, svh, svn, sob, soh, soc, slb, slh, skpb, skph,
                 Hq, C, N, n_cached, group, scale_log2, QP, window,
@@ -73,13 +83,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPOS,
     qpos0 = 0
     if HAS_WINDOW:
         qpos0 = tl.load(QP)  # the first query's original position, read on the device
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    hq = bh % Hq
-    h = hq // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
+    pid_m, b, hq, h, offs_m, offs_d = _query_rows(Hq, group, BLOCK_M, D)
     q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqc + offs_d[None, :], mask=offs_m[:, None] < C, other=0.0)
     kbase = K + b * skb + h * skh
     vbase = V + b * svb + h * svh
@@ -430,13 +434,7 @@ def _shared_fwd_kernel(Q, QB, K, KB, V, O, QPOS, KPOS,
                        spb, sph, spn,
                        Hq, C, N, n_cached, group, scale_log2, n_sink, n_recent,
                        SCORES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    hq = bh % Hq
-    h = hq // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
+    pid_m, b, hq, h, offs_m, offs_d = _query_rows(Hq, group, BLOCK_M, D)
     rmask = offs_m[:, None] < C
     q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqc + offs_d[None, :], mask=rmask, other=0.0)
     if SCORES:  # v1: distant logits are the base layer's own (its queries, its keys)
