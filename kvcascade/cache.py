@@ -278,7 +278,7 @@ class LayerCache:
         from .policies.base import keep_indices
 
         protect = torch.zeros(n, dtype=torch.bool, device=dev)
-        protect[hi:] = True
+        protect[hi:].fill_(True)  # (fill_, not = True: no tensor made from host data, as a captured step needs)
         self.compact(keep_indices(score, n - 1, protect))
 
 
