@@ -138,11 +138,13 @@ _WARNED: set = set()
 
 @torch.inference_mode()
 def iter_prefill(model, cache: CompressedCache, ids: list[int], chunk_size: int, *, all_logits: bool = False,
-                 progress: bool = False, desc: str = "prefill"):
+                 progress: bool = False, desc: str = "prefill", graphs: DecodeGraphs | None = None):
     """Feed ``ids`` through ``model`` in chunks under ``cache``; yield ``(start, logits)`` per chunk.
 
     ``logits`` is ``[C, vocab]`` for every token of the chunk with ``all_logits`` (perplexity), else ``[1, vocab]``
-    for its last token. The cache is told which chunk is the prompt's last (SnapKV compresses there).
+    for its last token. The cache is told which chunk is the prompt's last (SnapKV compresses there). With
+    ``graphs`` (and not ``all_logits``), a chunk whose step repeats (a cache at its budget) is replayed as a CUDA
+    graph (:meth:`kvcascade.graphs.DecodeGraphs.chunk`): a long prompt's chunks are launch-bound like decode steps.
     """
     device = model.device
     bar = None
@@ -157,10 +159,13 @@ def iter_prefill(model, cache: CompressedCache, ids: list[int], chunk_size: int,
         chunk = tokens[start:end].view(1, -1)
         cache.final_chunk = end >= len(ids)
         cache.remaining = len(ids) - end
-        out = cache.forward(model, chunk, logits_to_keep=0 if all_logits else 1)
+        if graphs is not None and not all_logits and chunk.shape[1] > 1:
+            logits = graphs.chunk(chunk)
+        else:
+            logits = cache.forward(model, chunk, logits_to_keep=0 if all_logits else 1).logits[0]
         if bar is not None:
             bar.update(chunk.shape[1])
-        yield start, out.logits[0]
+        yield start, logits
     if bar is not None:
         bar.close()
 
@@ -252,7 +257,7 @@ class Session:
         # preallocate what the policy can hold at most: the cache's buffers are written in place from here on
         self.cache.reserve(policy.max_tokens(len(ids), max_new_tokens, chunk_size, self.cache.num_layers), chunk_size)
         self.graphs = DecodeGraphs(self.cache, model)  # decode steps replayed as CUDA graphs where they repeat
-        self._prefill = iter_prefill(model, self.cache, ids, chunk_size, progress=progress)
+        self._prefill = iter_prefill(model, self.cache, ids, chunk_size, progress=progress, graphs=self.graphs)
         self.logits = None
         self.new: list[int] = []
         self.stream = StreamDecoder(tokenizer)

@@ -107,10 +107,11 @@ class DecodeGraphs:
         self.graphs: dict = {}
         self.seen: dict = {}  # keys seen once (insertion order: the oldest is forgotten first)
         self.tok = {}  # rows -> the input buffer [rows, 1] the graphs read
-        self.replays = self.captures = self.eager = 0
+        self.replays = self.captures = self.eager = 0  # decode steps
+        self.chunk_replays = 0  # prompt chunks replayed (their captures and eager runs are not counted)
 
     # -- host state ----------------------------------------------------------------------------------------
-    def _key(self):
+    def _key(self, chunk: int = 1):
         cache = self.cache
         pk = cache.policy.graph_key(cache)
         if pk is None:
@@ -118,6 +119,11 @@ class DecodeGraphs:
         from .cache import _padded_ok
 
         counter = None if cache._seen_dev is None else cache._seen_dev.data_ptr()
+        if chunk > 1:  # a prompt chunk: what the policy's prefill step reads beyond the layers (SnapKV: the last
+            # chunk; Locret: whether more than its tail remains)
+            layers = tuple((layer.n, layer.capacity, _addresses(layer), repr(layer.state)) for layer in cache.layers)
+            rest = min(cache.remaining or 0, cache.policy.tail_tokens + 1)
+            return "prefill", chunk, cache.final_chunk, rest, pk, layers, counter
         if _padded_ok(cache):  # a step that only adds the token: padded, one graph per buffer whatever the count
             return "grow", pk, tuple((layer.capacity, _addresses(layer)) for layer in cache.layers), counter
         if cache.policy.graph_grow:
@@ -134,12 +140,19 @@ class DecodeGraphs:
             layer.n, layer.seen, layer.peak_tokens, layer.peak_bytes, layer.state = n, seen, pt, pb, state
 
     # -- steps ---------------------------------------------------------------------------------------------
-    def _eager(self, toks: list[int]) -> torch.Tensor:
+    def _eager(self, toks) -> torch.Tensor:
+        if isinstance(toks, torch.Tensor):
+            return self.cache.forward(self.model, toks, logits_to_keep=1).logits[:, -1]
         self.eager += 1
         inp = torch.tensor(toks, device=self.model.device).view(-1, 1)
         return self.cache.forward(self.model, inp, logits_to_keep=1).logits[:, -1]
 
-    def _fill(self, toks: list[int]) -> torch.Tensor:
+    def _fill(self, toks) -> torch.Tensor:
+        if isinstance(toks, torch.Tensor):  # a prompt chunk [1, C], already on the device
+            shape = tuple(toks.shape)
+            if shape not in self.tok:
+                self.tok[shape] = torch.zeros(shape, dtype=torch.long, device=self.model.device)
+            return self.tok[shape].copy_(toks)
         rows = len(toks)
         if rows not in self.tok:
             self.tok[rows] = torch.zeros(rows, 1, dtype=torch.long, device=self.model.device)
@@ -150,6 +163,13 @@ class DecodeGraphs:
             buf.copy_(torch.tensor(toks).view(rows, 1), non_blocking=False)
         return buf
 
+    def chunk(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run one prompt chunk ``ids`` ``[1, C]`` (on the device) and return the logits of its last token,
+        ``[1, vocab]`` (a copy: a replay's output buffer is rewritten by the next replay). A chunk whose key repeats
+        (a cache at its budget, chunks of one size, the policy's schedule in the same phase) is replayed like a
+        decode step; every other chunk runs eagerly."""
+        return self._step(ids).clone()
+
     def step(self, tok) -> torch.Tensor:
         """Decode one token per row (``tok``: an int, or a list with one per row of a batched cache): the logits of
         the next, ``[vocab]`` for an int, ``[rows, vocab]`` for a list."""
@@ -157,8 +177,9 @@ class DecodeGraphs:
         logits = self._step(toks)
         return logits[0] if isinstance(tok, int) else logits
 
-    def _step(self, toks: list[int]) -> torch.Tensor:
-        key = self._key() if self.enabled else None
+    def _step(self, toks) -> torch.Tensor:
+        chunk = toks.shape[1] if isinstance(toks, torch.Tensor) else 1
+        key = self._key(chunk) if self.enabled else None
         if key is not None:
             key = key + (len(toks),)
         if key is None:
@@ -180,7 +201,10 @@ class DecodeGraphs:
             if entry.grow and not self.cache.keys_rotated:
                 self.cache.sync_slot_counter(self.model.device)  # in place: the slot this replay writes
         entry.graph.replay()
-        self.replays += 1
+        if chunk > 1:
+            self.chunk_replays += 1
+        else:
+            self.replays += 1
         cache = self.cache  # the host state the replayed step leaves
         for layer, (n, _, pt, pb, state) in zip(cache.layers, entry.after):
             layer.seen += entry.seen_delta
@@ -204,7 +228,7 @@ class DecodeGraphs:
         seen_host, row_seen = cache._seen_host, cache.row_seen
         inp = self._fill(toks)
         graph = torch.cuda.CUDAGraph()
-        grow = key[0] == "grow"
+        grow = key[0] == "grow"  # (a prompt chunk's key starts with "prefill")
         if grow and not cache.keys_rotated:
             cache.sync_slot_counter(self.model.device)
         try:
@@ -230,5 +254,6 @@ class DecodeGraphs:
         cache._seen_host, cache.row_seen = seen_host, row_seen
         entry = _Entry(graph, out.logits, after, delta, grow)
         self.graphs[key] = entry
-        self.captures += 1
+        if key[0] != "prefill":
+            self.captures += 1  # decode captures (profile_decode.py waits until they stop)
         return entry

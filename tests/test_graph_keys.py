@@ -217,3 +217,40 @@ def test_padded_h2o_accumulates_the_same_scores_and_keeps_the_same_tokens():
     assert n_padded >= 5 and tok_a == tok_b
     assert all(torch.equal(a, b) for a, b in zip(pos_a, pos_b))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(sc_a, sc_b))
+
+
+@pytest.mark.parametrize("spec", sorted(SPECS))
+def test_prompt_chunks_with_one_key_issue_the_same_operations(spec):
+    """Prompt chunks are replayed as CUDA graphs too (a long prompt at the budget is launch-bound): every chunk with
+    one key (DecodeGraphs._key(C)) must issue the same operations and build nothing from host data."""
+    from kvcascade.engine import chunk_bounds
+
+    model = tiny_model("qwen2", layers=3)
+    ids = torch.randint(0, 96, (420,), generator=torch.Generator().manual_seed(3)).tolist()
+    policy = make_policy(spec.split("-")[0], **SPECS[spec])
+    s = Session(model, _Tok(), ids, policy, max_new_tokens=1, chunk_size=32, stop_on_eos=False)
+    g, cache = s.graphs, s.cache
+    traces, once = {}, set()
+    repeated = 0
+    with torch.inference_mode():
+        cache.phase = "prefill"
+        tokens = torch.tensor(ids)
+        for start, end in chunk_bounds(len(ids), 32, policy.obs_window, policy.tail_tokens):
+            cache.final_chunk, cache.remaining = end >= len(ids), len(ids) - end
+            key = g._key(end - start)
+            chunk = tokens[start:end].view(1, -1)  # a replay reads it from a buffer filled before
+            with Trace() as t:
+                cache.forward(model, chunk, logits_to_keep=1)
+            if key is None:
+                continue
+            if key not in once:
+                once.add(key)
+                continue
+            repeated += 1
+            assert not FROM_HOST & {op[0] for op in t.ops}, "a chunk builds a tensor from host data"
+            if key in traces:
+                assert traces[key] == t.ops, "two chunks with one graph key issued different operations"
+            traces[key] = t.ops
+    s.close()
+    if spec not in ("full", "snapkv", "pyramidkv"):  # those hold the whole prompt until its end: nothing repeats
+        assert repeated >= 4, repeated

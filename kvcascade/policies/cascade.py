@@ -116,10 +116,10 @@ class Cascade(ShareParam, Policy):
     def _on_device(self, t: torch.Tensor, dev) -> torch.Tensor:
         """``t`` (a small host tensor of the schedule) as a device tensor made once per value: a step replayed
         as a CUDA graph copies nothing from the host (its first, eager run made the constant)."""
-        if t.numel() > 64:  # a prompt chunk's schedule: never replayed, copied as it comes
-            return t.to(dev, non_blocking=True)
         consts = self.__dict__.setdefault("_consts", {})
-        key = (str(dev), tuple(t.tolist()))
+        # a prompt chunk's schedule (thousands of entries) is keyed by its bytes: chunks at the budget repeat it, and
+        # a chunk replayed as a CUDA graph copies nothing either
+        key = (str(dev), tuple(t.tolist()) if t.numel() <= 64 else (t.dtype, t.numel(), t.numpy().tobytes()))
         baked(key[1])
         if key not in consts:
             if len(consts) >= 4096:  # never dropped (a captured graph may read one): beyond this, copied each time
