@@ -131,6 +131,7 @@ def test_runner_resumes_and_reports(tiny_model_dir, tmp_path):
     assert all(len(v) == 1 for v in by.values())
     files = sorted(p.name for p in out.iterdir())
     assert "summary.md" in files and "passkey_depth_heatmap_b48.png" in files and "ppl_vs_position.png" in files
+    assert "ppl_vs_kv.png" in files  # perplexity against KV memory, a point per policy and budget
     summary = (out / "summary.md").read_text()
     assert "## passkey" in summary and "| cascade:cascades=2 |" in summary and "## ppl" in summary
     # report rebuilds the same summary from the folder alone

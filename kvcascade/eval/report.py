@@ -185,6 +185,7 @@ def _plots(out: Path, rows: list[dict]) -> list[str]:
             fig.savefig(out / f, dpi=110)
             plt.close(fig)
             files.append(f)
+            files += _ppl_vs_kv(out, plt, task, trows, policies)
             continue
         lengths = sorted({r["length"] for r in trows})
         budgets = sorted({r["budget"] for r in trows if r["budget"] is not None}) or [None]
@@ -232,6 +233,36 @@ def _plots(out: Path, rows: list[dict]) -> list[str]:
             plt.close(fig)
             files.append(f)
     return files
+
+
+def _ppl_vs_kv(out: Path, plt, task: str, trows: list[dict], policies: list[str]) -> list[str]:
+    """Perplexity against KV memory held, one point per policy and budget, a panel per text length: the trade-off
+    a compression method makes (written when a length has two points or more)."""
+    lengths = [L for L in sorted({r["length"] for r in trows})
+               if len({(r["policy"], r["budget"]) for r in trows if r["length"] == L}) > 1]
+    if not lengths:
+        return []
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6.5 * len(lengths), 4.5), squeeze=False)
+    for ax, L in zip(axes[0], lengths):
+        for pol in policies:
+            for r in trows:
+                if r["policy"] != pol or r["length"] != L:
+                    continue
+                x, y = r["kv_bytes_peak"] / 2 ** 20, r["ppl"]
+                ax.scatter([x], [y], s=18, marker="s" if pol == "full" else "o")
+                short = ":".join(a.split("=")[0] + "=" + Path(a.split("=", 1)[1]).name if "=" in a and "/" in a else a
+                                 for a in pol.split(":"))  # a file argument by its name
+                label = short if r["budget"] is None else f"{short} b={r['budget']}"
+                ax.annotate(label, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.margins(x=0.3)
+        ax.set_xlabel("KV cache held at peak (MiB)")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"{task} at {_fmt_len(L)}: perplexity vs KV memory")
+    fig.tight_layout()
+    f = f"{_safe(task)}_vs_kv.png"
+    fig.savefig(out / f, dpi=110)
+    plt.close(fig)
+    return [f]
 
 
 def write_report(out_dir, rows: list[dict] | None = None) -> list[str]:
