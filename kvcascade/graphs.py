@@ -1,4 +1,4 @@
-"""Decode steps replayed as captured CUDA graphs.
+"""Decode steps (and prompt chunks) replayed as captured CUDA graphs.
 
 Decoding a small model is launch-bound: one step issues thousands of small kernels (the model's and the
 policy's), and the host's time to launch them, not the GPU's to run them, sets the speed. A CUDA graph records
@@ -27,6 +27,11 @@ capture fails, the host state is restored, graphs are turned off for the rest of
 from it raise), and the step runs eagerly: never a wrong token. Policies opt in (``graph_safe``). Sliding-window
 layers (Gemma3) are captured too: the Triton kernels read the window's query position on the device.
 ``KVCASCADE_CUDA_GRAPHS=0`` turns graphs off; CPU never uses them.
+
+Prompt chunks go the same way (:meth:`DecodeGraphs.chunk`, from :func:`kvcascade.engine.iter_prefill`): a long
+prompt at the budget runs chunk after chunk of one size with the same host state, as launch-bound as decoding.
+A chunk's key adds its size, whether it is the prompt's last (SnapKV selects there) and how much of the prompt is
+left up to the policy's tail (Locret), and never pads. Perplexity (every token's logits) runs eagerly.
 """
 
 from __future__ import annotations
