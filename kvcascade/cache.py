@@ -289,9 +289,9 @@ def _fused_edits(layer: LayerCache) -> bool:
         return False
     if os.environ.get("KVCASCADE_KERNELS", "auto") == "reference":
         return False
-    from .kernels import _have_triton
+    from .kernels import TRITON_HEAD_DIMS, _have_triton
 
-    return _have_triton() and layer._k.shape[-1] in (16, 32, 64, 128, 256) and layer._v.shape[-1] == layer._k.shape[-1]
+    return _have_triton() and layer._k.shape[-1] in TRITON_HEAD_DIMS and layer._v.shape[-1] == layer._k.shape[-1]
 
 
 class _Rotary:
@@ -628,6 +628,15 @@ class CompressedCache(Cache):
         cos, sin = table
         return cos[:, start:start + count], sin[:, start:start + count]
 
+    def standard_attention(self, layer, query, k_all, v_all, *, q_orig, k_orig, scaling, softcap):
+        """``(out, mass, obs)`` of the standard kernels over ``layer``'s keys, with the statistics the policy asks
+        for (what :meth:`attend` runs unless the policy has its own attention, which may start from this)."""
+        policy = self.policy
+        return attention_with_scores(
+            query, k_all, v_all, scaling=scaling, softcap=softcap, q_orig=q_orig, k_orig=k_orig, window=layer.window,
+            obs_window=policy.obs_window, need_mass=policy.needs_mass,
+            q_weights=policy.query_weights(query.shape[2], query.device) if policy.needs_mass else None)
+
     def attend(self, layer_idx: int, query, key_new, value_new, *, scaling, softcap=None, position_ids=None):
         layer = self.layers[layer_idx]
         if layer._k is not None and layer._k.is_inference() and not torch.is_inference_mode_enabled():
@@ -678,11 +687,8 @@ class CompressedCache(Cache):
         if custom is not None:
             out, mass, obs = custom
         else:
-            out, mass, obs = attention_with_scores(
-                query, k_all, v_all, scaling=scaling, softcap=softcap, q_orig=q_orig, k_orig=k_orig,
-                window=layer.window, obs_window=policy.obs_window, need_mass=policy.needs_mass,
-                q_weights=policy.query_weights(C, query.device) if policy.needs_mass else None,
-            )
+            out, mass, obs = self.standard_attention(layer, query, k_all, v_all, q_orig=q_orig, k_orig=k_orig,
+                                                     scaling=scaling, softcap=softcap)
         layer.peak_tokens = max(layer.peak_tokens, len(layer))
         layer.peak_bytes = max(layer.peak_bytes, policy.layer_bytes(layer))
         phase = self.phase or ("prefill" if C > 1 else "decode")

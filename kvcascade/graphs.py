@@ -124,16 +124,15 @@ class DecodeGraphs:
         from .cache import _padded_ok
 
         counter = None if cache._seen_dev is None else cache._seen_dev.data_ptr()
-        if chunk > 1:  # a prompt chunk: what the policy's prefill step reads beyond the layers (SnapKV: the last
-            # chunk; Locret: whether more than its tail remains)
-            layers = tuple((layer.n, layer.capacity, _addresses(layer), repr(layer.state)) for layer in cache.layers)
-            rest = min(cache.remaining or 0, cache.policy.tail_tokens + 1)
-            return "prefill", chunk, cache.final_chunk, rest, pk, layers, counter
-        if _padded_ok(cache):  # a step that only adds the token: padded, one graph per buffer whatever the count
+        if chunk == 1 and _padded_ok(cache):  # a step that only adds the token: padded, one graph per buffer
             return "grow", pk, tuple((layer.capacity, _addresses(layer)) for layer in cache.layers), counter
-        if cache.policy.graph_grow:
+        if chunk == 1 and cache.policy.graph_grow:
             return None
         layers = tuple((layer.n, layer.capacity, _addresses(layer), repr(layer.state)) for layer in cache.layers)
+        if chunk > 1:  # a prompt chunk: what the policy's prefill step reads beyond the layers (SnapKV: the last
+            # chunk; Locret: whether more than its tail remains)
+            rest = min(cache.remaining or 0, cache.policy.tail_tokens + 1)
+            return "prefill", chunk, cache.final_chunk, rest, pk, layers, counter
         return pk, layers, counter
 
     def _snapshot(self) -> list:
@@ -146,10 +145,11 @@ class DecodeGraphs:
 
     # -- steps ---------------------------------------------------------------------------------------------
     def _eager(self, toks) -> torch.Tensor:
-        if isinstance(toks, torch.Tensor):
-            return self.cache.forward(self.model, toks, logits_to_keep=1).logits[:, -1]
-        self.eager += 1
-        inp = torch.tensor(toks, device=self.model.device).view(-1, 1)
+        if isinstance(toks, torch.Tensor):  # a prompt chunk, on the device already (not counted)
+            inp = toks
+        else:
+            self.eager += 1
+            inp = torch.tensor(toks, device=self.model.device).view(-1, 1)
         return self.cache.forward(self.model, inp, logits_to_keep=1).logits[:, -1]
 
     def _fill(self, toks) -> torch.Tensor:

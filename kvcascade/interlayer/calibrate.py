@@ -210,6 +210,16 @@ def load_groups(path, model=None) -> dict:
     return info
 
 
+def groups_for(path, model, missing: str) -> tuple[dict, str]:
+    """``(info, path)`` of the groups file ``path`` checked against ``model``; ``"auto"``: the file shipped for the
+    model, or the error ``missing`` when none ships."""
+    if path == "auto":
+        path = find_shipped(model)
+        if path is None:
+            raise KVCascadeError(missing)
+    return load_groups(path, model), str(path)
+
+
 def regroup(info: dict, delta: float) -> dict:
     """The same calibration grouped with another ``delta``."""
     sim = torch.tensor(info["similarity"], dtype=torch.float64)

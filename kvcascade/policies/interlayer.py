@@ -15,8 +15,9 @@ every token, the others V for every token and K for the proximal ones. **Physica
 key** (one buffer per layer holds all its KV heads alike); the memory figure is the method's, not this
 implementation's. The same layout composes with a selector for bounded memory: ``storage=interlayer`` on
 ``h2o``, ``tova``, ``snapkv`` or ``locret`` (:mod:`kvcascade.policies.storage`). On CUDA the shared heads run a
-Triton kernel (:func:`kvcascade.kernels.triton_attention.shared_attention`), elsewhere the PyTorch reference. The paper adapts the model to the sharing with billions of tokens of post-training; this
-is the version without it, which is expected to lose some quality: measure it.
+Triton kernel (:func:`kvcascade.kernels.triton_attention.shared_attention`), elsewhere the PyTorch reference. The
+paper adapts the model to the sharing with billions of tokens of post-training; this is the version without it,
+which is expected to lose some quality: measure it.
 
 Defaults and their sources: ``sinks=16``, ``recent=4080`` (the paper's 16 + 4080 proximal tokens);
 ``delta=-1`` keeps the groups file's own threshold (calibration default 0.5, the paper's).
@@ -55,29 +56,30 @@ class Interlayer(Policy):
             raise KVCascadeError(f"policy 'interlayer': delta must be in [0, 1] (or -1), got {self.delta}")
         self._info = None
         if self.groups != "auto":
-            self._use(self.groups)  # a missing or broken file is refused here, before any model is loaded
+            from ..interlayer.calibrate import load_groups
 
-    def _use(self, path) -> None:
-        from ..interlayer.calibrate import load_groups, regroup
+            # a missing or broken file is refused here, before any model is loaded
+            self._use(load_groups(self.groups), str(self.groups))
 
-        info = load_groups(path)
+    def _use(self, info: dict, path: str) -> None:
+        from ..interlayer.calibrate import regroup
+
         self._info = regroup(info, self.delta) if self.delta != -1.0 else info
-        self._path = str(path)
+        self._path = path
 
     def setup(self, cache) -> None:
-        from ..interlayer.calibrate import base_layers, check_groups, find_shipped
+        from ..interlayer.calibrate import base_layers, check_groups, groups_for
         from .storage import SharedLayout
 
         if any(layer.is_sliding for layer in cache.layers):
             raise KVCascadeError("policy 'interlayer' does not apply to models with sliding-window layers (Gemma3's "
                                  "global layers are never adjacent)")
         if self.groups == "auto":
-            path = find_shipped(cache._model)
-            if path is None:
-                raise KVCascadeError("no inter-layer groups ship for this model; make some with: kvcascade calibrate "
-                                     "interlayer --model NAME --out groups.json, then --policy-arg groups=groups.json")
-            self._use(path)
-        check_groups(self._info, cache._model, self._path)  # one clear error for another model's groups
+            self._use(*groups_for("auto", cache._model,
+                                  "no inter-layer groups ship for this model; make some with: kvcascade calibrate "
+                                  "interlayer --model NAME --out groups.json, then --policy-arg groups=groups.json"))
+        else:  # read in validate(), before any model was loaded
+            check_groups(self._info, cache._model, self._path)  # one clear error for another model's groups
         # nothing is ever evicted: a later layer of a block reads its base's cache directly
         self._layout = SharedLayout(base_layers(self._info["groups"]), sinks=self.sinks, recent=self.recent,
                                     share=self.share, snapshot=False)
@@ -87,10 +89,8 @@ class Interlayer(Policy):
         cache.aux.pop("interlayer", None)
 
     def attention(self, cache, layer, query, k_all, v_all, *, q_orig, k_orig, scaling, softcap):
-        from ..kernels import attention_with_scores
-
-        out, _, _ = attention_with_scores(query, k_all, v_all, scaling=scaling, softcap=softcap, q_orig=q_orig,
-                                          k_orig=k_orig, need_mass=False)
+        out, _, _ = cache.standard_attention(layer, query, k_all, v_all, q_orig=q_orig, k_orig=k_orig, scaling=scaling,
+                                             softcap=softcap)  # (this policy asks for no statistics)
         out = cache.aux["interlayer"].attention(cache, layer, query, k_all, v_all, out, q_orig=q_orig,
                                                 k_orig=k_orig, scaling=scaling)
         return out, None, None

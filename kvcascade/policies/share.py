@@ -13,8 +13,9 @@ when layer ``i`` selects, a token's score is the largest percentile it has in an
 already scored this forward pass (the lower layers of the block, and ``i`` itself), matched by original position
 (``share_combine=max``, the default), or the mean of those percentiles (``share_combine=mean``, ours too: the
 largest of 24 saturates, since many tokens reach a top percentile in some layer; measured to lose recent keys at
-256K). A token a lower layer already dropped counts 0 there (for ``max``: only where it is still held). Selection then runs on those combined
-scores; everything else about the policy is unchanged (budgets, protected tokens, positions).
+256K). A token a lower layer already dropped counts 0 there (for ``max``: only where it is still held). Selection
+then runs on those combined scores; everything else about the policy is unchanged (budgets, protected tokens,
+positions).
 """
 
 from __future__ import annotations
@@ -61,17 +62,12 @@ class ShareParam:
         if self.share == "all":
             block = [[0] * H for _ in range(n)]
         else:
-            from ..interlayer.calibrate import check_groups, find_shipped, load_groups
+            from ..interlayer.calibrate import groups_for
 
-            path = self.share_groups
-            if path == "auto":
-                path = find_shipped(cache._model)
-                if path is None:
-                    raise KVCascadeError(f"policy '{self.name}': share=group needs inter-layer groups and none ship for "
-                                         "this model; make some with: kvcascade calibrate interlayer --model NAME --out "
-                                         "groups.json, then share_groups=groups.json (or use share=all)")
-            info = load_groups(path)
-            check_groups(info, cache._model, path)
+            info, _ = groups_for(self.share_groups, cache._model,
+                                 f"policy '{self.name}': share=group needs inter-layer groups and none ship for this "
+                                 "model; make some with: kvcascade calibrate interlayer --model NAME --out groups.json, "
+                                 "then share_groups=groups.json (or use share=all)")
             block = [[0] * H for _ in range(n)]
             for h, blocks in enumerate(info["groups"]):
                 for b, layers in enumerate(blocks):

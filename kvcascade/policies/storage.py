@@ -98,23 +98,6 @@ class SharedLayout:
         return keys + H * N * B * layer.values.shape[-1] * layer.values.element_size()
 
 
-def load_base_of(path, cache, delta: float = -1.0, *, who: str):
-    """``(base_of [layer][kv head], info, path)`` from a groups file (``auto``: the one shipped for the model),
-    checked against the cache's model."""
-    from ..interlayer.calibrate import base_layers, check_groups, find_shipped, load_groups, regroup
-
-    if path == "auto":
-        path = find_shipped(cache._model)
-        if path is None:
-            raise KVCascadeError(f"{who}: no inter-layer groups ship for this model; make some with: kvcascade "
-                                 "calibrate interlayer --model NAME --out groups.json, and pass that file")
-    info = load_groups(path)
-    if delta != -1.0:
-        info = regroup(info, delta)
-    check_groups(info, cache._model, str(path))
-    return base_layers(info["groups"]), info, str(path)
-
-
 class StorageParam:
     """Mixin for the selectors in :data:`COMPOSABLE`: the ``storage*`` parameters (see the module docstring)."""
 
@@ -152,7 +135,13 @@ class StorageParam:
         if any(layer.is_sliding for layer in cache.layers):
             raise KVCascadeError(f"policy '{self.name}': storage=interlayer does not apply to models with "
                                  "sliding-window layers")
-        base_of, _, _ = load_base_of(self.storage_groups, cache, who=f"policy '{self.name}' storage=interlayer")
+        from ..interlayer.calibrate import base_layers, groups_for
+
+        info, _ = groups_for(self.storage_groups, cache._model,
+                             f"policy '{self.name}' storage=interlayer: no inter-layer groups ship for this model; make "
+                             "some with: kvcascade calibrate interlayer --model NAME --out groups.json, and pass that "
+                             "file as storage_groups")
+        base_of = base_layers(info["groups"])
         layout = SharedLayout(base_of, sinks=self.storage_sinks, recent=self.storage_recent, share=self.storage_share,
                               snapshot=True)
         kept = {}  # base layer -> (layer.seen, indices [B, H, K]) of its last compaction
@@ -193,14 +182,9 @@ class StorageParam:
         if layout is None:
             return super().attention(cache, layer, query, k_all, v_all, q_orig=q_orig, k_orig=k_orig,
                                      scaling=scaling, softcap=softcap)
-        from ..kernels import attention_with_scores
-
-        C = query.shape[2]
         # the selector's statistics come from every head's own keys (a following head's selection is its base's)
-        out, mass, obs = attention_with_scores(
-            query, k_all, v_all, scaling=scaling, softcap=softcap, q_orig=q_orig, k_orig=k_orig, window=layer.window,
-            obs_window=self.obs_window, need_mass=self.needs_mass,
-            q_weights=self.query_weights(C, query.device) if self.needs_mass else None)
+        out, mass, obs = cache.standard_attention(layer, query, k_all, v_all, q_orig=q_orig, k_orig=k_orig,
+                                                  scaling=scaling, softcap=softcap)
         out = layout.attention(cache, layer, query, k_all, v_all, out, q_orig=q_orig, k_orig=k_orig, scaling=scaling)
         return out, mass, obs
 
