@@ -246,10 +246,38 @@ class LayerCache:
         self.n = K
 
     def keep_last(self, n: int) -> None:
-        if len(self) == n + 1:
-            self.drop_one(victim=0)
-        elif len(self) > n:
-            self.compact(torch.arange(len(self) - n, len(self), device=self._k.device))
+        self.keep_ends(0, n)
+
+    def keep_ends(self, head: int, tail: int) -> None:
+        """Keep the first ``head`` and the last ``tail`` tokens (a window, StreamingLLM's sinks + recent, SnapKV's
+        prefix + sliding part); one token dropped (a decode step) goes through :meth:`drop_one`."""
+        n = self.n
+        if head + tail >= n:
+            return
+        if head + tail == n - 1:
+            self.drop_one(victim=head)
+            return
+        dev = self._k.device  # indices made on the device: a host tensor copied over would sync
+        self.compact(torch.cat([torch.arange(head, device=dev), torch.arange(n - tail, n, device=dev)]))
+
+    def keep_top(self, score: torch.Tensor, k: int, hi: int | None = None) -> None:
+        """Keep the ``k`` highest ``score`` (``[B, H | 1, n]``), every slot from ``hi`` on protected (the newest);
+        one token dropped (a decode step) goes through :meth:`drop_one`, the rest through :func:`keep_indices`."""
+        n = self.n
+        hi = n if hi is None else max(0, min(hi, n))
+        if k == n - 1:
+            self.drop_one(score, hi)
+            return
+        from .policies.base import keep_indices
+
+        self.compact(keep_indices(score, k, self._protect_from(hi)))
+
+    def _protect_from(self, hi: int) -> torch.Tensor | None:
+        if hi >= self.n:
+            return None
+        protect = torch.zeros(self.n, dtype=torch.bool, device=self._k.device)
+        protect[hi:].fill_(True)  # (fill_, not = True: no tensor made from host data, as a captured step needs)
+        return protect
 
     def drop_one(self, score: torch.Tensor | None = None, hi: int | None = None, *, victim: int | None = None) -> None:
         """Drop one token from every row and KV head, in place: the first of the lowest ``score`` (``[B, H | 1, n]``)
@@ -270,16 +298,13 @@ class LayerCache:
             triton_cache.drop_one(*bufs, scratch, n, select=score, hi=hi, victim=victim, empty=EMPTY_POS)
             self.n = n - 1
             return
-        dev = self._k.device
         if victim is not None:
-            ar = torch.arange(n - 1, device=dev)
+            ar = torch.arange(n - 1, device=self._k.device)
             self.compact(ar + (ar >= victim).long())
             return
         from .policies.base import keep_indices
 
-        protect = torch.zeros(n, dtype=torch.bool, device=dev)
-        protect[hi:].fill_(True)  # (fill_, not = True: no tensor made from host data, as a captured step needs)
-        self.compact(keep_indices(score, n - 1, protect))
+        self.compact(keep_indices(score, n - 1, self._protect_from(hi)))
 
 
 def _fused_edits(layer: LayerCache) -> bool:

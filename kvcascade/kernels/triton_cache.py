@@ -14,7 +14,6 @@ The plain-PyTorch twin is :meth:`kvcascade.cache.LayerCache.drop_one`'s referenc
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

@@ -201,13 +201,6 @@ def keep_indices(score: torch.Tensor, k: int, protect: torch.Tensor | None = Non
     return idx.sort(dim=-1).values
 
 
-def recent_mask(n: int, recent: int, device) -> torch.Tensor:
-    m = torch.zeros(n, dtype=torch.bool, device=device)
-    if recent > 0:
-        m[max(0, n - recent):].fill_(True)
-    return m
-
-
 def sink_mask(pos: torch.Tensor, sinks: int) -> torch.Tensor:
     return pos < sinks
 

@@ -7,7 +7,7 @@ after each chunk, scoring with the accumulated mass of every query seen so far (
 Original positions (``positions=cache``: slot positions, as StreamingLLM, for streams past the model's window).
 """
 
-from .base import Policy, PositionsParam, keep_indices, recent_mask, register
+from .base import Policy, PositionsParam, register
 from .share import SHARE_DOCS, SHARE_PARAMS, ShareParam
 from .storage import STORAGE_DOCS, STORAGE_PARAMS, StorageParam
 
@@ -43,8 +43,4 @@ class H2O(StorageParam, ShareParam, PositionsParam, Policy):
         if n <= self.budget:
             return
         recent = int(self.budget * self.recent_ratio)
-        if n == self.budget + 1 and self.share == "none":  # a decode step: one token goes (fused on CUDA)
-            layer.drop_one(layer.score, n - recent)
-            return
-        layer.compact(keep_indices(self.shared(cache, layer, layer.score), self.budget,
-                                   recent_mask(n, recent, layer.score.device)))
+        layer.keep_top(self.shared(cache, layer, layer.score), self.budget, n - recent)

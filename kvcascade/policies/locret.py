@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import KVCascadeError
-from .base import Policy, keep_indices, recent_mask, register
+from .base import Policy, register
 from .share import SHARE_DOCS, SHARE_PARAMS, ShareParam
 from .storage import STORAGE_DOCS, STORAGE_PARAMS, StorageParam
 
@@ -153,14 +153,11 @@ class Locret(StorageParam, ShareParam, Policy):
                 return
             remaining = getattr(cache, "remaining", None)
             more_chunks = (remaining > self.local) if remaining is not None else not stats.final_chunk
-            protect = recent_mask(n, self.stabilizers, layer.keys.device) if more_chunks else None
-            layer.compact(keep_indices(self.shared(cache, layer, layer.score), self.budget, protect))
+            layer.keep_top(self.shared(cache, layer, layer.score), self.budget,
+                           n - self.stabilizers if more_chunks else None)
             return
         if self.decode == "grow":
             return
         cap = self.budget + self.local + self.decode_window
-        if n == cap + 1 and self.share == "none":  # one token goes (fused on CUDA)
-            layer.drop_one(layer.score, n - (self.local + self.decode_window))
-        elif n > cap:
-            protect = recent_mask(n, self.local + self.decode_window, layer.keys.device)
-            layer.compact(keep_indices(self.shared(cache, layer, layer.score), cap, protect))
+        if n > cap:
+            layer.keep_top(self.shared(cache, layer, layer.score), cap, n - (self.local + self.decode_window))

@@ -97,9 +97,4 @@ class SnapKV(StorageParam, Policy):
             budget = self.layer_cap(cache, layer)
             if n > budget:
                 p = min(layer.state.get("prefix", budget - self.window), budget - 1)
-                if n == budget + 1:  # the oldest token of the sliding part goes (fused on CUDA)
-                    layer.drop_one(victim=p)
-                    return
-                dev = layer.keys.device
-                idx = torch.cat([torch.arange(p, device=dev), torch.arange(n - (budget - p), n, device=dev)])
-                layer.compact(idx)
+                layer.keep_ends(p, budget - p)

@@ -26,8 +26,6 @@ CUDA graphs and batched decoding are off for a composed policy (its decode step 
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import KVCascadeError
 
 COMPOSABLE = ("h2o", "tova", "snapkv", "locret")

@@ -4,8 +4,6 @@ Keep the first ``sinks`` tokens (attention sinks) and the most recent ``budget -
 assigned by slot (in-cache positions), which lets the model run past its trained window.
 """
 
-import torch
-
 from .base import Policy, register
 
 
@@ -22,13 +20,4 @@ class Streaming(Policy):
             "sinks": "first tokens kept forever (paper: 4)"}
 
     def step(self, cache, layer, stats) -> None:
-        n = len(layer)
-        if n <= self.budget:
-            return
-        recent = self.budget - self.sinks
-        if n == self.budget + 1:  # a decode step: the oldest token after the sinks goes (fused on CUDA)
-            layer.drop_one(victim=self.sinks)
-            return
-        dev = layer.keys.device  # indices made on the device: a host tensor copied over would sync
-        idx = torch.cat([torch.arange(self.sinks, device=dev), torch.arange(n - recent, n, device=dev)])
-        layer.compact(idx)
+        layer.keep_ends(self.sinks, self.budget - self.sinks)  # nothing while the cache is within its budget

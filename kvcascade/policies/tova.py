@@ -6,7 +6,7 @@ decision is shared by the heads of a layer. No accumulation across steps. Origin
 (``positions=cache``: slot positions, as StreamingLLM, for streams past the model's window).
 """
 
-from .base import Policy, PositionsParam, keep_indices, register
+from .base import Policy, PositionsParam, register
 from .share import SHARE_DOCS, SHARE_PARAMS, ShareParam
 from .storage import STORAGE_DOCS, STORAGE_PARAMS, StorageParam
 
@@ -27,7 +27,4 @@ class TOVA(StorageParam, ShareParam, PositionsParam, Policy):
         if len(layer) <= self.budget:
             return
         score = stats.obs.mean(dim=1, keepdim=True) / stats.group  # [B, 1, N]
-        if len(layer) == self.budget + 1 and self.share == "none":  # a decode step: one token goes (fused on CUDA)
-            layer.drop_one(score)
-            return
-        layer.compact(keep_indices(self.shared(cache, layer, score), self.budget))
+        layer.keep_top(self.shared(cache, layer, score), self.budget)
