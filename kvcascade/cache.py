@@ -279,12 +279,13 @@ class LayerCache:
         protect[hi:].fill_(True)  # (fill_, not = True: no tensor made from host data, as a captured step needs)
         return protect
 
-    def drop_one(self, score: torch.Tensor | None = None, hi: int | None = None, *, victim: int | None = None) -> None:
-        """Drop one token from every row and KV head, in place: the first of the lowest ``score`` (``[B, H | 1, n]``)
-        among the slots before ``hi`` (the newer ones are protected), or slot ``victim``. What a decode step at the
+    def drop_one(self, score: torch.Tensor | None = None, hi: int | None = None, *, victim: int | None = None,
+                 lo: int = 0, base: int = 0, width: int = 1) -> None:
+        """Drop one token from every row and KV head, in place: the first of the lowest ``score`` (``[B, H | 1, m]``)
+        among the slots ``[lo, hi)`` (the newer ones are protected), or slot ``victim``. What a decode step at the
         budget does; on CUDA two Triton kernels (:mod:`kvcascade.kernels.triton_cache`) instead of a dozen, elsewhere
-        (or with a storage hook, or extra per-token tensors) the same through :func:`keep_indices` and
-        :meth:`compact`."""
+        (or with a storage hook, or extra per-token tensors) an argmin and :meth:`compact`. ``width > 1`` drops ``width`` consecutive slots (the cascade's unit): from ``victim``, or
+        from ``base + j * width`` for the first lowest ``score[..., j]``, ``j`` in ``[lo, hi)``."""
         n = self.n
         hi = n if hi is None else max(0, min(hi, n))
         if _fused_edits(self):
@@ -295,28 +296,41 @@ class LayerCache:
             scratch = self.scratch.get(key)
             if scratch is None:
                 scratch = self.scratch[key] = tuple(torch.empty_like(b) for b in bufs)
-            triton_cache.drop_one(*bufs, scratch, n, select=score, hi=hi, victim=victim, empty=EMPTY_POS)
-            self.n = n - 1
+            triton_cache.drop_one(*bufs, scratch, n, select=score, lo=lo, hi=hi, victim=victim, empty=EMPTY_POS,
+                                  base=base, width=width)
+            self.n = n - width
             return
+        ar = torch.arange(n - width, device=self._k.device)
         if victim is not None:
-            ar = torch.arange(n - 1, device=self._k.device)
-            self.compact(ar + (ar >= victim).long())
+            self.compact(ar + width * (ar >= victim).long())
             return
-        from .policies.base import keep_indices
-
-        self.compact(keep_indices(score, n - 1, self._protect_from(hi)))
+        if hi <= lo:  # nothing to choose from: the first candidate (as the kernel)
+            start = torch.full(score.shape[:-1] + (1,), base + lo * width, device=self._k.device)
+        else:  # the first of the lowest (torch.argmin's choice among equal scores)
+            start = base + (score[..., lo:hi].float().argmin(dim=-1, keepdim=True) + lo) * width
+        self.compact(ar + width * (ar >= start).long())
 
 
 def _fused_edits(layer: LayerCache) -> bool:
     """Whether :meth:`LayerCache.drop_one` runs its Triton kernels: CUDA buffers, triton installed, kernels not
     forced to the reference (``KVCASCADE_KERNELS=reference``), no storage hook and no extra per-token tensors."""
-    if layer._k is None or not layer._k.is_cuda or layer.on_compact is not None or layer._extra:
+    if layer._k is None or layer.on_compact is not None or layer._extra:
         return False
-    if os.environ.get("KVCASCADE_KERNELS", "auto") == "reference":
+    return _triton_edits(layer._k) and layer._v.shape[-1] == layer._k.shape[-1]
+
+
+def _fused_rope(keys: torch.Tensor) -> bool:
+    """Whether a step with in-cache positions rotates its keys with one Triton kernel
+    (:func:`kvcascade.kernels.triton_cache.rope_keys`) instead of :func:`apply_rope` and :func:`unapply_rope`."""
+    return _triton_edits(keys) and keys.dtype in (torch.float16, torch.bfloat16)
+
+
+def _triton_edits(t: torch.Tensor) -> bool:
+    if not t.is_cuda or os.environ.get("KVCASCADE_KERNELS", "auto") == "reference":
         return False
     from .kernels import TRITON_HEAD_DIMS, _have_triton
 
-    return _have_triton() and layer._k.shape[-1] in TRITON_HEAD_DIMS and layer._v.shape[-1] == layer._k.shape[-1]
+    return _have_triton() and t.shape[-1] in TRITON_HEAD_DIMS
 
 
 class _Rotary:
@@ -591,21 +605,29 @@ class CompressedCache(Cache):
         position for a cache that never evicted (``full``), else the device slot counter (in-cache positions)."""
         B, H, C, D = key_new.shape
         P = layer.capacity
+        fused = False
         if self.keys_rotated:
             slot = orig[0]  # [C]: slot == original position, since nothing was ever evicted
             k_store, k_all = key_new, layer._k[:, :, :P]
         else:
             slot = self._slot_ids
             cos_c, sin_c = self._rope_at(layer, 0, P, key_new)  # every slot's rotation (slot == position)
-            cos, sin = cos_c[:, slot], sin_c[:, slot]
-            k_store = unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1))
-        layer._k.index_copy_(2, slot, k_store)
+            fused = _fused_rope(key_new)
+            if not fused:
+                cos, sin = cos_c[:, slot], sin_c[:, slot]
+                k_store = unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1))
+        if not fused:  # (else rope_keys below stores it)
+            layer._k.index_copy_(2, slot, k_store)
         layer._v.index_copy_(2, slot, value_new)
         layer._pos.index_copy_(2, slot, orig.view(-1, 1, C).expand(B, H, C).contiguous())
         layer._score.index_fill_(2, slot, 0.0)
         for buf in layer._extra.values():
             buf.index_fill_(2, slot, 0.0)
-        if not self.keys_rotated:  # every slot rotated at its slot position, the new key as it came
+        if fused:  # every slot rotated at its slot position, the new key as it came (and stored un-rotated)
+            from .kernels import triton_cache
+
+            k_all = triton_cache.rope_keys(layer._k, key_new, cos_c, sin_c, P, slot)
+        elif not self.keys_rotated:
             k_all = apply_rope(layer._k[:, :, :P], cos_c.unsqueeze(1), sin_c.unsqueeze(1))
             k_all.index_copy_(2, slot, key_new)
         layer.n += C
@@ -685,26 +707,33 @@ class CompressedCache(Cache):
             layer.append(key_new, value_new, orig)
             k_all = layer.keys
         else:  # stored un-rotated; all keys rotated at their current positions, the chunk's as it came
-            q_pos = position_ids[0].to(query.device)
-            memo = mine and C == 1 and not layer.is_sliding and self.policy.position_mode == "cache"
-            if memo:  # a decode step: its position (a host number) and the keys' are those of earlier steps
-                cos, sin = self._rope_at(layer, last[1], C, key_new)
+            memo = mine and not layer.is_sliding and self.policy.position_mode == "cache"
+            if memo:  # slot j of the n_cached + C sits at position q0 - n_cached + j in every row and head: one table
+                n = n_cached + C
+                cos_c, sin_c = self._rope_at(layer, last[1] - n_cached, n, key_new)
+                if _fused_rope(key_new):  # one kernel: rotate the stored keys, store the chunk's un-rotated
+                    from .kernels import triton_cache
+
+                    layer.append(key_new, value_new, orig)  # (stored as it came: rope_keys un-rotates it in place)
+                    k_all = triton_cache.rope_keys(layer._k, key_new, cos_c, sin_c, n, n_cached)
+                else:
+                    cos, sin = cos_c[:, n_cached:], sin_c[:, n_cached:]
+                    layer.append(unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1)), value_new, orig)
+                    k_all = key_new
+                    if n_cached:
+                        k_all = apply_rope(layer.keys, cos_c.unsqueeze(1), sin_c.unsqueeze(1))
+                        k_all[:, :, n_cached:] = key_new
             else:
+                q_pos = position_ids[0].to(query.device)
                 cos, sin = self.rotary(layer_idx, q_pos.view(1, -1), key_new)
-            layer.append(unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1)), value_new, orig)
-            if n_cached and memo:  # in-cache positions: key j of n sits at q0 - (n - C) + j in every row and head
-                n = len(layer)
-                cos_c, sin_c = self._rope_at(layer, last[1] - (n - C), n, key_new)
-                k_all = apply_rope(layer.keys, cos_c.unsqueeze(1), sin_c.unsqueeze(1))
-                k_all[:, :, n_cached:] = key_new
-            elif n_cached:
-                q0 = last[1] if mine else int(q_pos[0])
-                rot_pos = self._key_positions(layer, q0, orig[:, :1].unsqueeze(-1), C, query.device)
-                cos_c, sin_c = self.rotary(layer_idx, rot_pos.reshape(B, -1), key_new)
-                k_all = apply_rope(layer.keys, cos_c.view(B, H, -1, D), sin_c.view(B, H, -1, D))
-                k_all[:, :, n_cached:] = key_new
-            else:
+                layer.append(unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1)), value_new, orig)
                 k_all = key_new
+                if n_cached:
+                    q0 = last[1] if mine else int(q_pos[0])
+                    rot_pos = self._key_positions(layer, q0, orig[:, :1].unsqueeze(-1), C, query.device)
+                    cos_c, sin_c = self.rotary(layer_idx, rot_pos.reshape(B, -1), key_new)
+                    k_all = apply_rope(layer.keys, cos_c.view(B, H, -1, D), sin_c.view(B, H, -1, D))
+                    k_all[:, :, n_cached:] = key_new
         v_all, k_orig, q_orig = layer.values, layer.pos, orig[0]  # (rows share the query slots; windows: one row)
         policy = self.policy
         custom = policy.attention(self, layer, query, k_all, v_all, q_orig=q_orig, k_orig=k_orig, scaling=scaling,

@@ -118,7 +118,7 @@ class DecodeGraphs:
     # -- host state ----------------------------------------------------------------------------------------
     def _key(self, chunk: int = 1):
         cache = self.cache
-        pk = cache.policy.graph_key(cache)
+        pk = cache.policy.graph_key(cache, chunk)
         if pk is None:
             return None
         from .cache import _padded_ok

@@ -1,11 +1,12 @@
 """Where a decode step's time goes, per policy (CUDA only): ms per token eager and replayed as a CUDA graph, and
 a torch.profiler count of the step's kernels with their GPU time, grouped by operator (the top ones printed).
+``--chunk C`` does the same for a prompt chunk of ``C`` tokens at the budget (a long prompt's prefill).
 
 A graph replay removes the host's launch time, so its step time is close to the sum of the step's kernel times:
 the table says which kernels to remove or fuse next. Same model and prompt for every policy (the default model,
 ``--prompt`` random token ids, ``--budget``), the cache in its steady state (at the budget: a token arrives and
 one leaves) unless the prompt is shorter. Usage:
-python scripts/profile_decode.py [--prompt 4096] [--budget 2048] [--top 8] [--out F.json] POLICY ...
+python scripts/profile_decode.py [--prompt 4096] [--budget 2048] [--chunk 0] [--top 8] [--out F.json] POLICY ...
 """
 
 import argparse
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--top", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=0, help="profile prompt chunks of this many tokens, not decode steps")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model, _ = kvcascade.load_model(device="cuda", progress=False)
@@ -51,27 +53,35 @@ def main() -> None:
         pol = make_policy(name, None if name in ("full", "interlayer") else args.budget, **params)
         with torch.inference_mode():
             cache = CompressedCache(model, pol)
-            cache.reserve(pol.max_tokens(args.prompt, 400 + 2 * args.steps + 16, 4096, cache.num_layers), 4096)
+            cache.reserve(pol.max_tokens(args.prompt, 400 + 2 * args.steps + 16, max(4096, args.chunk), cache.num_layers),
+                          max(4096, args.chunk))
             prefill(model, cache, ids, 4096)
-            cache.phase, cache.final_chunk, cache.remaining = "decode", True, 0
             graphs = DecodeGraphs(cache, model)
+            if args.chunk:  # more prompt: chunks of one size at the budget (their key repeats), never the last
+                cache.phase, cache.final_chunk, cache.remaining = "prefill", False, 1 << 30
+                chunk = torch.randint(100, 20000, (1, args.chunk), device="cuda")
+                one = lambda: graphs.chunk(chunk)  # noqa: E731
+            else:
+                cache.phase, cache.final_chunk, cache.remaining = "decode", True, 0
+                one = lambda: graphs.step(5)  # noqa: E731
             graphs.enabled = False
-            eager = _ms_per_step(lambda: graphs.step(5), args.steps)
+            eager = _ms_per_step(one, args.steps)
             graphs.enabled = True
             quiet = 0  # warm up until no step captured a graph for a while: a policy whose step cycles through
             for _ in range(400):  # several keys (the cascade) captures one per key of its cycle, each on its second sight
-                captures = graphs.captures
-                graphs.step(5)
-                quiet = quiet + 1 if graphs.captures == captures else 0
-                if quiet >= 2 * SEEN_KEYS:
+                captures, chunks = graphs.captures, graphs.chunk_replays
+                one()
+                ok = graphs.chunk_replays > chunks if args.chunk else graphs.captures == captures  # (a chunk: replayed)
+                quiet = quiet + 1 if ok else 0
+                if quiet >= (16 if args.chunk else 2 * SEEN_KEYS):
                     break
             captures = graphs.captures
-            replayed = graphs.replays
-            graphed = _ms_per_step(lambda: graphs.step(5), args.steps)
-            replayed = graphs.replays - replayed - (graphs.captures - captures)  # a capture also replays once
-            graphs.enabled = False
+            replayed = graphs.replays + graphs.chunk_replays
+            graphed = _ms_per_step(one, args.steps)
+            replayed = graphs.replays + graphs.chunk_replays - replayed - (graphs.captures - captures)  # (a capture
+            graphs.enabled = False  # also replays once)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                graphs.step(5)
+                one()
                 torch.cuda.synchronize()
         by_op = defaultdict(lambda: [0, 0.0])
         for ev in prof.events():
@@ -91,14 +101,17 @@ def main() -> None:
         cache = graphs = None  # freed before the next policy
         torch.cuda.empty_cache()
     dev = device_name()
+    what = f"chunks of {args.chunk}" if args.chunk else "decode steps"
     print(f"\n| policy | eager ms | graph ms (tok/s) | kernels per step | kernel ms per step |  ({dev}, prompt "
-          f"{args.prompt}, budget {args.budget})\n|---|---|---|---|---|")
+          f"{args.prompt}, budget {args.budget}, {what})\n|---|---|---|---|---|")
+    per = max(1, args.chunk)
     for r in rows:
-        print(f"| {r['policy']} | {r['eager_ms']:.2f} | {r['graph_ms']:.2f} ({r['graph_tok_s']:.0f}) | {r['kernels']} | "
-              f"{r['kernel_ms']:.2f} |")
+        print(f"| {r['policy']} | {r['eager_ms']:.2f} | {r['graph_ms']:.2f} ({r['graph_tok_s'] * per:.0f}) | "
+              f"{r['kernels']} | {r['kernel_ms']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": dev, "prompt": args.prompt, "budget": args.budget, "rows": rows}, f, indent=1)
+            json.dump({"device": dev, "prompt": args.prompt, "budget": args.budget, "chunk": args.chunk, "rows": rows},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

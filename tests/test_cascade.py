@@ -167,7 +167,7 @@ def test_recentred_insertion_matches_per_token_rule(sinks, cascades, window, str
     layer = cache.layers[0]
     for h in range(layer.pos.shape[1]):  # every kept unit is still b tokens contiguous in the text
         pos = layer.pos[0, h].tolist()[min(sinks, layer.seen):]
-        pos = pos[:len(pos) - layer.state["pending"]]
+        pos = pos[:len(pos) - cache.policy.pending(layer)]
         assert len(pos) % block == 0
         assert all(pos[j + block - 1] - pos[j] == block - 1 for j in range(0, len(pos), block))
 
@@ -183,6 +183,24 @@ def test_peak_selection_matches_per_token_rule(sinks, cascades, window, strides,
     policy = make_policy("cascade", budget=budget, sinks=sinks, cascades=cascades, beta=0.5, select="peak",
                          head_reduction="none" if per_head else "mean", block=block, recenter=recenter and block > 1)
     drive(policy, strides, seed, heads=2, ties=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sinks=st.integers(0, 3), cascades=st.integers(1, 4), window=st.integers(1, 4), prompt=st.integers(1, 40),
+    decode=st.integers(1, 60), seed=st.integers(0, 10_000), rule=st.sampled_from(["ema", "fixed"]),
+    rate=st.sampled_from(["pow2", "pow3"]), eager=st.booleans(), per_head=st.booleans(),
+    block=st.sampled_from([1, 1, 2, 3]), peak=st.booleans(),
+)
+def test_decode_tokens_match_per_token_rule(sinks, cascades, window, prompt, decode, seed, rule, rate, eager,
+                                            per_head, block, peak):
+    """Decode steps (one token each: the schedule walked on the host, at most one unit dropped in place) after a
+    prompt stride keep what the per-token rule keeps, ties included."""
+    budget = sinks + cascades * window * block + block - 1
+    policy = make_policy("cascade", budget=budget, sinks=sinks, cascades=cascades, beta=0.9, rule=rule, rate=rate,
+                         eager_fill=eager, head_reduction="none" if per_head else "mean", block=block,
+                         select="peak" if peak and rule == "ema" else "ema")
+    drive(policy, [prompt] + [1] * decode, seed, heads=2)
 
 
 def test_peak_remembers_a_burst_of_attention():
@@ -328,5 +346,5 @@ def test_recentred_variant_on_a_model(arch):
             continue
         assert len(layer) <= policy.budget
         for row in layer.pos[0]:
-            units = row.tolist()[2:len(row) - layer.state["pending"]]
+            units = row.tolist()[2:len(row) - cache.policy.pending(layer)]
             assert all(units[j + 3] - units[j] == 3 for j in range(0, len(units), 4))

@@ -49,16 +49,41 @@ def test_graphs_replay_the_steady_state_with_the_same_tokens(spec, monkeypatch):
         assert torch.equal(a, b)  # the same tokens kept, in the same slots
 
 
+FUSED = BOUNDED + [("cascade", {"budget": 32}), ("cascade", {"budget": 32, "rule": "fixed"}),
+                   ("cascade", {"budget": 48, "block": 4, "cascades": 2}),
+                   ("cascade", {"budget": 48, "block": 4, "cascades": 2, "head_reduction": "none"})]
+
+
 @cuda
-@pytest.mark.parametrize("spec", BOUNDED, ids=[s[0] for s in BOUNDED])
+@pytest.mark.parametrize("spec", FUSED, ids=[f"{s[0]}{i}" for i, s in enumerate(FUSED)])
 def test_fused_eviction_keeps_what_the_pytorch_path_keeps(spec, monkeypatch):
-    """A decode step at the budget drops one token with two Triton kernels (LayerCache.drop_one); with them turned
-    off (keep_indices + compact) every step keeps the same tokens in the same slots and decodes the same tokens."""
+    """A decode step at the budget drops one token (the cascade: one unit) with two Triton kernels
+    (LayerCache.drop_one); with them turned off (argmin + compact) every step keeps the same tokens in the same slots
+    and decodes the same tokens."""
     import kvcascade.cache as cache_mod
 
     model = tiny_model("qwen2", layers=3).to("cuda", torch.bfloat16)
     fused, _, pos_f = _decode(model, spec, monkeypatch, graphs=True)
     monkeypatch.setattr(cache_mod, "_fused_edits", lambda layer: False)
+    plain, _, pos_p = _decode(model, spec, monkeypatch, graphs=True)
+    assert fused == plain
+    assert all(torch.equal(a, b) for a, b in zip(pos_f, pos_p))
+
+
+ROPED = [("streaming", {"budget": 24}), ("cascade", {"budget": 32}), ("cascade", {"budget": 48, "block": 4, "cascades": 2}),
+         ("locret", {"budget": 24, "stabilizers": 8, "local": 2, "decode_window": 40, "heads": "random"})]
+
+
+@cuda
+@pytest.mark.parametrize("spec", ROPED, ids=[f"{s[0]}{i}" for i, s in enumerate(ROPED)])
+def test_fused_rotation_keeps_what_the_pytorch_path_keeps(spec, monkeypatch):
+    """Policies with in-cache positions rotate every stored key at every step: one Triton kernel (rope_keys, padded
+    steps and prompt chunks too) instead of apply_rope / unapply_rope; the same tokens decoded and kept."""
+    import kvcascade.cache as cache_mod
+
+    model = tiny_model("qwen2", layers=3).to("cuda", torch.bfloat16)
+    fused, _, pos_f = _decode(model, spec, monkeypatch, graphs=True)
+    monkeypatch.setattr(cache_mod, "_fused_rope", lambda keys: False)
     plain, _, pos_p = _decode(model, spec, monkeypatch, graphs=True)
     assert fused == plain
     assert all(torch.equal(a, b) for a, b in zip(pos_f, pos_p))
@@ -106,7 +131,7 @@ def test_the_cascade_schedule_cycle_replays_with_the_same_tokens(spec, monkeypat
     model = tiny_model("qwen2", layers=3).to("cuda", torch.bfloat16)
     eager, none, pos_e = _decode(model, spec, monkeypatch, graphs=False, new=60)
     graphed, replays, pos_g = _decode(model, spec, monkeypatch, graphs=True, new=60)
-    assert none == 0 and replays >= 25, replays  # 59 steps: one cycle (8 keys) eager, the next ones replayed
+    assert none == 0 and replays >= 25, replays  # 59 steps: one cycle (4 keys, block4: 3) eager, then replays
     assert graphed == eager
     assert all(torch.equal(a, b) for a, b in zip(pos_e, pos_g))
 

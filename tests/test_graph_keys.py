@@ -219,6 +219,39 @@ def test_padded_h2o_accumulates_the_same_scores_and_keeps_the_same_tokens():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(sc_a, sc_b))
 
 
+@pytest.mark.parametrize("share", ["none", "all"])
+def test_padded_cascade_units_keep_what_unpadded_decoding_keeps(share):
+    """The cascade with units (block > 1): a decode token that only joins the unfinished unit runs padded (its EMA
+    update over every slot); the tokens, kept positions and scores then match unpadded decoding, and one unit in
+    ``block`` tokens is still decided by the policy's own step."""
+    from kvcascade.cache import _padded_ok
+
+    model = tiny_model("qwen2", layers=2)
+    ids = torch.randint(0, 96, (90,), generator=torch.Generator().manual_seed(7)).tolist()
+    args = {"budget": 40, "block": 4, "cascades": 2, "share": share}
+    ends = []
+    for use_padded in (False, True):
+        s = Session(model, _Tok(), ids, make_policy("cascade", **args), max_new_tokens=24, chunk_size=32,
+                    stop_on_eos=False)
+        padded_steps = 0
+        with torch.inference_mode():
+            while s.t1 is None:
+                s.step()
+            while len(s.new) < 23:
+                ok = use_padded and _padded_ok(s.cache)
+                assert ok == (use_padded and s.graphs._key()[0] == "grow")
+                padded_steps += ok
+                s.new.append(int(s.logits.argmax()))
+                _traced_step(s, model, s.new[-1], padded=ok)
+        ends.append((list(s.new), [layer.pos.clone() for layer in s.cache.layers],
+                     [layer.score.clone() for layer in s.cache.layers], padded_steps))
+        s.close()
+    (tok_a, pos_a, sc_a, _), (tok_b, pos_b, sc_b, n_padded) = ends
+    assert n_padded >= 15 and tok_a == tok_b  # 3 of every 4 decode tokens (22 steps)
+    assert all(torch.equal(a, b) for a, b in zip(pos_a, pos_b))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(sc_a, sc_b))
+
+
 @pytest.mark.parametrize("spec", sorted(SPECS))
 def test_prompt_chunks_with_one_key_issue_the_same_operations(spec):
     """Prompt chunks are replayed as CUDA graphs too (a long prompt at the budget is launch-bound): every chunk with

@@ -182,20 +182,24 @@ def test_shared_attention_matches_reference(shape, share, per_head):
 DROPS = [  # B, H, n, capacity, D, mode, lo/hi or victim
     (1, 2, 40, 48, 16, "score", 30), (2, 3, 33, 33, 32, "score", 33), (1, 2, 20, 24, 16, "score", 0),
     (1, 1, 300, 320, 64, "shared", 300), (1, 2, 17, 20, 16, "victim", 4), (2, 2, 9, 12, 16, "victim", 0),
+    # the cascade's decode step: one of two adjacent units of `width` slots from `base`, or a fixed unit
+    (1, 2, 40, 48, 16, "unit", (10, 3)), (2, 2, 30, 32, 16, "unit-shared", (0, 1)), (1, 2, 40, 40, 16, "unit", (36, 2)),
+    (1, 2, 25, 32, 16, "victim", (4, 4)),
 ]
 if HAS_CUDA:
     DROPS += [(1, 2, 2049, 2304, 64, "score", 1025), (4, 8, 4097, 4352, 128, "shared", 4097),
-              (1, 2, 2049, 2049, 64, "victim", 4)]
+              (1, 2, 2049, 2049, 64, "victim", 4), (1, 2, 8224, 12320, 64, "unit-shared", (4000, 32))]
 
 
 @pytest.mark.parametrize("shape", DROPS)
 def test_drop_one_matches_keep_indices_and_compact(shape):
-    """The fused one-token eviction of a decode step at the budget, against the PyTorch path (keep_indices +
+    """The fused one-token (or one-unit) eviction of a decode step at the budget, against the PyTorch path (argmin +
     compact): the same slots kept in the same order, in every buffer, ties going to the first lowest score."""
     from kvcascade.cache import EMPTY_POS, LayerCache
     from kvcascade.kernels.triton_cache import drop_one
 
     B, H, n, cap, D, mode, arg = shape
+    width = arg[1] if isinstance(arg, tuple) else 1
     g = torch.Generator(device="cpu").manual_seed(n)
     ref = LayerCache(0, None)
     ref.reserve(cap)
@@ -210,9 +214,52 @@ def test_drop_one_matches_keep_indices_and_compact(shape):
         ref.drop_one(ref.score.clone(), arg)
         drop_one(*bufs, tuple(torch.empty_like(b) for b in bufs), n, select=bufs[3][:, :, :n].clone(), hi=arg,
                  empty=EMPTY_POS)
+    elif mode.startswith("unit"):
+        select = torch.randint(0, 2, (B, 1 if mode == "unit-shared" else H, 2), generator=g).float()
+        ref.drop_one(select, 2, base=arg[0], width=width)
+        drop_one(*bufs, tuple(torch.empty_like(b) for b in bufs), n, select=select.to(DEV), hi=2, base=arg[0],
+                 width=width, empty=EMPTY_POS)
     else:
-        ref.drop_one(victim=arg)
-        drop_one(*bufs, tuple(torch.empty_like(b) for b in bufs), n, victim=arg, empty=EMPTY_POS)
-    assert len(ref) == n - 1
+        victim = arg[0] if isinstance(arg, tuple) else arg
+        ref.drop_one(victim=victim, width=width)
+        drop_one(*bufs, tuple(torch.empty_like(b) for b in bufs), n, victim=victim, width=width, empty=EMPTY_POS)
+    assert len(ref) == n - width
     for name, want, got in zip(("keys", "values", "pos", "score"), (ref._k, ref._v, ref._pos, ref._score), bufs):
         assert torch.equal(got[:, :, :n].cpu(), want[:, :, :n]), name
+
+
+ROPES = [(1, 2, 40, 48, 64, 37, 3, "int"), (2, 2, 33, 40, 32, 0, 5, "int"), (1, 2, 24, 24, 16, 9, 1, "device")]
+if HAS_CUDA:
+    ROPES += [(1, 2, 2049, 2304, 64, 2048, 1, "int"), (1, 2, 12288, 12288, 64, 517, 1, "device"),
+              (1, 2, 8192, 12288, 64, 4096, 4096, "int"), (1, 4, 300, 320, 128, 299, 1, "int")]
+
+
+@pytest.mark.parametrize("shape", ROPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_keys_matches_apply_and_unapply_rope(shape, dtype):
+    """One kernel for the keys a step with in-cache positions attends to (every stored key rotated at its slot, the
+    new keys as they came) and the new keys stored un-rotated, against apply_rope / unapply_rope: the new keys exactly,
+    the others within one rounding of the storage dtype; nothing else written."""
+    from kvcascade.cache import apply_rope, unapply_rope
+    from kvcascade.kernels.triton_cache import rope_keys
+
+    B, H, n, cap, D, first, C, mode = shape
+    g = torch.Generator(device="cpu").manual_seed(n + C)
+    k = torch.randn(B, H, cap, D, generator=g).to(DEV, dtype)
+    new = torch.randn(B, H, C, D, generator=g).to(DEV, dtype)
+    ang = torch.arange(n).float().view(-1, 1) * (10000 ** (-torch.arange(D // 2).float() / (D // 2))).view(1, -1)
+    ang = torch.cat([ang, ang], dim=-1).view(1, n, D)
+    cos, sin = ang.cos().to(DEV, dtype), ang.sin().to(DEV, dtype)
+    want_k = k.clone()
+    want_k[:, :, first:first + C] = unapply_rope(new, cos[:, first:first + C].unsqueeze(1),
+                                                 sin[:, first:first + C].unsqueeze(1))
+    want = apply_rope(k[:, :, :n], cos.unsqueeze(1), sin.unsqueeze(1))
+    want[:, :, first:first + C] = new
+    got_k = k.clone()
+    at = torch.tensor([first], device=DEV) if mode == "device" else first
+    got = rope_keys(got_k, new, cos, sin, n, at)
+    # within one rounding of the storage dtype (on an H200 about 1 in 5 values differ by one unit in the last place)
+    _close(got, want, 1e-2, "rotated keys")
+    assert torch.equal(got[:, :, first:first + C], new)
+    assert torch.equal(got_k[:, :, :first], k[:, :, :first]) and torch.equal(got_k[:, :, first + C:], k[:, :, first + C:])
+    _close(got_k[:, :, first:first + C], want_k[:, :, first:first + C], 1e-2, "stored keys")

@@ -110,9 +110,10 @@ class Policy:
     #: until the cache reaches the cap
     grows_below_cap: ClassVar[bool] = False
 
-    def graph_key(self, cache):
-        """What, beyond the layers' token counts and state, decides this policy's decode step on the host (a
-        hashable value), or None when the step cannot be replayed (see :mod:`kvcascade.graphs`)."""
+    def graph_key(self, cache, tokens: int = 1):
+        """What, beyond the layers' token counts and state, decides this policy's step on ``tokens`` new tokens (1: a
+        decode step, more: a prompt chunk) on the host (a hashable value), or None when the step cannot be replayed
+        (see :mod:`kvcascade.graphs`)."""
         return () if self.graph_safe else None
 
     def grows_next(self, cache, layer) -> bool:

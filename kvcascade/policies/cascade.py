@@ -104,14 +104,42 @@ class Cascade(ShareParam, Policy):
     graph_safe = True  # the schedule's host decisions are in graph_key; its index tensors are device constants
     batchable = False  # the schedule follows each sequence's own arrival times: rows of one batch would differ
 
-    def graph_key(self, cache):
-        """A decode step's slot schedule (which cascade is due, what merges, what is pushed on) depends on host
-        integers only: the layers' unit counts and unfinished block (their state, part of every key anyway), the
-        arrival time modulo the slowest cascade's period, and, while the cascades fill (``eager_fill``), the
-        arrival time itself. With ``cascades=4`` and ``block=1`` a steady decode cycles through 8 keys."""
+    def graph_key(self, cache, tokens: int = 1):
+        """A step's slot schedule (which cascade is due, what merges, what is pushed on) depends on host integers
+        only: the layers' unit counts (their state, part of every key anyway) and arrival times. A decode token that
+        only joins an unfinished unit (``block > 1``) schedules nothing; one that completes a unit is decided by which
+        cascades are due at that unit's arrival (at most ``cascades + 1`` patterns: a cascade due is due every
+        ``rate``-th time the one before it is). A prompt chunk's schedule follows the arrival time modulo the slowest
+        cascade's period and, while the cascades fill (``eager_fill``), the arrival time itself."""
         t = cache.layers[0].seen - self.sinks
+        if tokens == 1 and t >= 0:
+            if (t + 1) % self.block:
+                return ("wait",)
+            return ("unit",) + tuple(self._due(t // self.block, i) for i in range(self.cascades))
         fill = max(0, min(t, self.block * (self.cascades * self.units + 2)))  # exact until every cascade is full
         return (t % (self.block * self.every(self.cascades - 1)), fill)
+
+    def _due(self, unit: int, i: int) -> bool:
+        """Whether cascade ``i`` takes the unit that arrives ``unit``-th (after the sinks) as a new slot."""
+        return unit % self.every(i) == 0 or (self.eager_fill and unit < self.cascades * self.units)
+
+    def pending(self, layer, seen: int | None = None) -> int:
+        """Tokens of an unfinished unit (the newest, not yet offered to a cascade) once ``layer`` has seen ``seen``
+        tokens (default: all it has seen)."""
+        seen = layer.seen if seen is None else seen
+        return (seen - self.sinks) % self.block if seen > self.sinks else 0
+
+    # a decode token that only joins an unfinished unit (block > 1) evicts nothing: it runs padded (one CUDA graph
+    # for all of them) and its bookkeeping is the EMA update over every slot
+    padded_mass = True
+
+    def grows_next(self, cache, layer) -> bool:
+        t = layer.seen - self.sinks
+        return self.select == "ema" and t >= 0 and (t + 1) % self.block != 0
+
+    def padded_step(self, cache, layer, slot, mass=None) -> None:
+        group = cache.num_heads // cache.num_kv_heads
+        layer._score[:, :, : mass.shape[-1]].mul_(self.beta).add_(mass / group)  # empty slots stay 0
 
     def _on_device(self, t: torch.Tensor, dev) -> torch.Tensor:
         """``t`` (a small host tensor of the schedule) as a device tensor made once per value: a step replayed
@@ -194,6 +222,46 @@ class Cascade(ShareParam, Policy):
         return st.gather(-1, best).squeeze(-1)
 
     # -- the policy step ---------------------------------------------------------------------------------
+    def _one_token(self, layer, row_scores: torch.Tensor, counts: list) -> None:
+        """A decode token's step (``row_scores`` ``[R, n]``: the selection scores): the schedule walked on the host,
+        and at most one unit (``block`` consecutive slots) dropped in place (:meth:`LayerCache.drop_one`): the loser
+        of the one competition, or the oldest unit of the last cascade. The cache holds the sinks, then the cascades
+        oldest first, then the unfinished unit, so what a cascade offers to the next (its oldest unit) sits right
+        after the unit it competes with (the next cascade's newest), and every other slot keeps its order: the
+        step of :meth:`step` for one token, in two kernels instead of a few dozen per cascade."""
+        S, W, C, b = self.sinks, self.units, self.cascades, self.block
+        n = len(layer)
+        t = layer.seen - S
+        if t % b:  # the token joined an unfinished unit: nothing is offered
+            return
+        unit = t // b - 1  # the unit it completed
+        starts = [0] * C  # slot of the first token of cascade i
+        s0 = S
+        for i in reversed(range(C)):
+            starts[i] = s0
+            s0 += counts[i] * b
+        offer = n - b
+        for i in range(C):
+            k = counts[i]
+            if k == 0 or self._due(unit, i):  # a new slot for the offer; the oldest moves on when full
+                if k < W:
+                    counts[i] = k + 1
+                    return
+                offer = starts[i]
+                continue
+            lo = starts[i] + (k - 1) * b  # the incumbent (cascade i's newest unit); the offer follows it
+            if self.rule == "fixed":  # v1: the incumbent keeps the slot
+                layer.drop_one(victim=offer, width=b)
+                return
+            pair = row_scores[:, lo:lo + 2 * b]
+            if b > 1:
+                pair = pair.reshape(pair.shape[0], 2, b).amax(-1)
+            B = layer.keys.shape[0]
+            # the lower unit score goes; on a tie the incumbent (the offer wins ties, as in the official kernel)
+            layer.drop_one(pair.view(B, -1, 2), 2, lo=0, base=lo, width=b)
+            return
+        layer.drop_one(victim=offer, width=b)  # the oldest unit of the last cascade leaves the cache
+
     def step(self, cache, layer, stats) -> None:
         c = stats.n_queries
         n = len(layer)
@@ -201,7 +269,10 @@ class Cascade(ShareParam, Policy):
         # EMA update of every token's score (the chunk's tokens start at 0): stats.mass is already weighted
         layer.score.mul_(self.beta ** c).add_(stats.mass / stats.group)
         counts = layer.state.setdefault("counts", [0] * self.cascades)  # units per cascade
-        pending = layer.state.get("pending", 0)  # tokens of an unfinished block, right before the stride
+        pending = self.pending(layer, seen_before)  # tokens of an unfinished block, right before the stride
+        one = c == 1 and seen_before >= self.sinks and not self.recenter  # a decode token: at most one unit leaves
+        if one and (layer.seen - self.sinks) % self.block and self.select == "ema":
+            return  # it joined an unfinished unit: nothing is offered, nothing compared
 
         S, W, C, b = self.sinks, self.units, self.cascades, self.block
         dev = layer.keys.device
@@ -221,6 +292,9 @@ class Cascade(ShareParam, Policy):
             layer.extra["peak"] = peak
             row_scores = rows(peak)
         R = row_scores.shape[0]
+        if one:
+            self._one_token(layer, row_scores, counts)
+            return
         rc = None
         if b > 1:  # a unit's score is the largest score among its b tokens; unit = pool index of its first token
             units = torch.nn.functional.pad(row_scores, (0, b - 1), value=float("-inf")).unfold(1, b, 1)
@@ -292,7 +366,6 @@ class Cascade(ShareParam, Policy):
                     times = times[:0]
             kept[i] = slots
             counts[i] = slots.shape[1]
-        layer.state["pending"] = new_pending
         sink_idx = torch.cat([torch.arange(n_sink_before, device=dev),
                               torch.arange(stride_start, stride_start + new_sinks, device=dev)]).view(1, -1)
         parts = [sink_idx.expand(R, -1)]
