@@ -210,8 +210,8 @@ class LayerCache:
             self._score = torch.zeros(B, H, cap, dtype=torch.float32, device=k.device)
             self.capacity = cap
             self.token_bytes = 2 * B * H * D * k.element_size()
-        elif need > self.capacity:
-            self._grow(max(need, self.capacity + self.capacity // 2))
+        else:
+            self._room(C)
         n = self.n
         if pos is None:
             pos = torch.arange(self.seen, self.seen + C, device=k.device)
@@ -223,6 +223,31 @@ class LayerCache:
             buf[:, :, n:need].zero_()
         self.n = need
         self.seen += C
+
+    def _room(self, C: int) -> None:
+        """Grow the buffers (by half, at least to fit) when ``C`` more tokens would not fit."""
+        need = self.n + C
+        if need > self.capacity:
+            self._grow(max(need, self.capacity + self.capacity // 2))
+
+    def append_rotated(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, cos, sin) -> torch.Tensor:
+        """:meth:`append` for keys that arrive rotated (in-cache positions, CUDA, buffers already made): stores them
+        un-rotated and returns the keys to attend to, every held key rotated at its slot by ``cos``, ``sin``
+        (``[1, >= n + C, D]``) and the chunk's as they came, ``[B, H, n + C, D]``; one Triton kernel
+        (:func:`kvcascade.kernels.triton_cache.rope_keys`) for what :func:`unapply_rope`, :meth:`append` and
+        :func:`apply_rope` do in ~20. ``pos`` ``[1 | B, C]``: the chunk's original positions."""
+        from .kernels import triton_cache
+
+        C = k.shape[2]
+        self._room(C)
+        n = self.n
+        k_all = triton_cache.rope_keys(self._k, k, cos, sin, n + C, n,
+                                       store=(self._v, v, self._pos, pos, self._score))
+        for buf in self._extra.values():
+            buf[:, :, n:n + C].zero_()
+        self.n = n + C
+        self.seen += C
+        return k_all
 
     def compact(self, idx: torch.Tensor) -> None:
         """Keep the tokens at ``idx`` (``[B, H, K]`` or ``[K]``, increasing along the last axis), in place."""
@@ -280,12 +305,14 @@ class LayerCache:
         return protect
 
     def drop_one(self, score: torch.Tensor | None = None, hi: int | None = None, *, victim: int | None = None,
-                 lo: int = 0, base: int = 0, width: int = 1) -> None:
+                 lo: int = 0, base: int = 0, width: int = 1, sched: torch.Tensor | None = None) -> None:
         """Drop one token from every row and KV head, in place: the first of the lowest ``score`` (``[B, H | 1, m]``)
         among the slots ``[lo, hi)`` (the newer ones are protected), or slot ``victim``. What a decode step at the
         budget does; on CUDA two Triton kernels (:mod:`kvcascade.kernels.triton_cache`) instead of a dozen, elsewhere
         (or with a storage hook, or extra per-token tensors) an argmin and :meth:`compact`. ``width > 1`` drops ``width`` consecutive slots (the cascade's unit): from ``victim``, or
-        from ``base + j * width`` for the first lowest ``score[..., j]``, ``j`` in ``[lo, hi)``."""
+        from ``base + j * width`` for the first lowest ``score[..., j]``, ``j`` in ``[lo, hi)``; or as the device
+        tensor ``sched`` ``[start, fixed]`` says (what a CUDA graph of the cascade's step reads, see
+        :func:`kvcascade.kernels.triton_cache.drop_one`)."""
         n = self.n
         hi = n if hi is None else max(0, min(hi, n))
         if _fused_edits(self):
@@ -297,10 +324,16 @@ class LayerCache:
             if scratch is None:
                 scratch = self.scratch[key] = tuple(torch.empty_like(b) for b in bufs)
             triton_cache.drop_one(*bufs, scratch, n, select=score, lo=lo, hi=hi, victim=victim, empty=EMPTY_POS,
-                                  base=base, width=width)
+                                  base=base, width=width, sched=sched)
             self.n = n - width
             return
         ar = torch.arange(n - width, device=self._k.device)
+        if sched is not None:  # the larger score of each unit; the offer (the second) wins ties
+            pair = score.index_select(-1, sched[0] + torch.arange(2 * width, device=score.device))
+            pair = pair.view(*score.shape[:-1], 2, width).amax(-1)
+            start = sched[0] + width * ((pair[..., 0] > pair[..., 1]) & (sched[1] == 0)).long()
+            self.compact(ar + width * (ar >= start.unsqueeze(-1)).long())
+            return
         if victim is not None:
             self.compact(ar + width * (ar >= victim).long())
             return
@@ -319,10 +352,12 @@ def _fused_edits(layer: LayerCache) -> bool:
     return _triton_edits(layer._k) and layer._v.shape[-1] == layer._k.shape[-1]
 
 
-def _fused_rope(keys: torch.Tensor) -> bool:
-    """Whether a step with in-cache positions rotates its keys with one Triton kernel
-    (:func:`kvcascade.kernels.triton_cache.rope_keys`) instead of :func:`apply_rope` and :func:`unapply_rope`."""
-    return _triton_edits(keys) and keys.dtype in (torch.float16, torch.bfloat16)
+def _fused_rope(layer: LayerCache, keys: torch.Tensor) -> bool:
+    """Whether a step with in-cache positions stores and rotates ``layer``'s keys (``keys``: the new ones) with one
+    Triton kernel (:meth:`LayerCache.append_rotated`) instead of :func:`unapply_rope`, :meth:`LayerCache.append`
+    and :func:`apply_rope`: CUDA, fp16/bf16, the buffers made, values as wide as keys."""
+    return (_triton_edits(keys) and keys.dtype in (torch.float16, torch.bfloat16) and layer._k is not None
+            and layer._v.shape[-1] == layer._k.shape[-1])
 
 
 def _triton_edits(t: torch.Tensor) -> bool:
@@ -612,21 +647,22 @@ class CompressedCache(Cache):
         else:
             slot = self._slot_ids
             cos_c, sin_c = self._rope_at(layer, 0, P, key_new)  # every slot's rotation (slot == position)
-            fused = _fused_rope(key_new)
+            fused = _fused_rope(layer, key_new)
             if not fused:
                 cos, sin = cos_c[:, slot], sin_c[:, slot]
                 k_store = unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1))
-        if not fused:  # (else rope_keys below stores it)
+        if not fused:  # (else rope_keys below stores the token)
             layer._k.index_copy_(2, slot, k_store)
-        layer._v.index_copy_(2, slot, value_new)
-        layer._pos.index_copy_(2, slot, orig.view(-1, 1, C).expand(B, H, C).contiguous())
-        layer._score.index_fill_(2, slot, 0.0)
+            layer._v.index_copy_(2, slot, value_new)
+            layer._pos.index_copy_(2, slot, orig.view(-1, 1, C).expand(B, H, C).contiguous())
+            layer._score.index_fill_(2, slot, 0.0)
         for buf in layer._extra.values():
             buf.index_fill_(2, slot, 0.0)
         if fused:  # every slot rotated at its slot position, the new key as it came (and stored un-rotated)
             from .kernels import triton_cache
 
-            k_all = triton_cache.rope_keys(layer._k, key_new, cos_c, sin_c, P, slot)
+            k_all = triton_cache.rope_keys(layer._k, key_new, cos_c, sin_c, P, slot,
+                                           store=(layer._v, value_new, layer._pos, orig, layer._score))
         elif not self.keys_rotated:
             k_all = apply_rope(layer._k[:, :, :P], cos_c.unsqueeze(1), sin_c.unsqueeze(1))
             k_all.index_copy_(2, slot, key_new)
@@ -711,11 +747,8 @@ class CompressedCache(Cache):
             if memo:  # slot j of the n_cached + C sits at position q0 - n_cached + j in every row and head: one table
                 n = n_cached + C
                 cos_c, sin_c = self._rope_at(layer, last[1] - n_cached, n, key_new)
-                if _fused_rope(key_new):  # one kernel: rotate the stored keys, store the chunk's un-rotated
-                    from .kernels import triton_cache
-
-                    layer.append(key_new, value_new, orig)  # (stored as it came: rope_keys un-rotates it in place)
-                    k_all = triton_cache.rope_keys(layer._k, key_new, cos_c, sin_c, n, n_cached)
+                if _fused_rope(layer, key_new):  # one kernel
+                    k_all = layer.append_rotated(key_new, value_new, orig, cos_c, sin_c)
                 else:
                     cos, sin = cos_c[:, n_cached:], sin_c[:, n_cached:]
                     layer.append(unapply_rope(key_new, cos.unsqueeze(1), sin.unsqueeze(1)), value_new, orig)

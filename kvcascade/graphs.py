@@ -18,6 +18,10 @@ device (the token, the original positions) lives in device memory that the graph
 :class:`~kvcascade.cache.CompressedCache`'s position counter); the cache's buffers are written in place
 (:class:`~kvcascade.cache.LayerCache`), so a replay reads and writes the same memory as the capture did.
 
+What a key leaves out of the host state reaches the device through :meth:`~kvcascade.policies.Policy.before_step`,
+which every step calls outside any graph (the cascade writes there which unit its next step drops, so all of its
+steady steps share one graph).
+
 A key is captured the second time it is seen among the last ``SEEN_KEYS`` keys (the first run compiles every
 kernel eagerly; a policy whose step cycles through a few keys, like the cascade's schedule, is captured once per
 key of the cycle), and a replay then
@@ -184,6 +188,7 @@ class DecodeGraphs:
 
     def _step(self, toks) -> torch.Tensor:
         chunk = toks.shape[1] if isinstance(toks, torch.Tensor) else 1
+        self.cache.policy.before_step(self.cache, chunk)  # (outside any graph: host numbers to device memory)
         key = self._key(chunk) if self.enabled else None
         if key is not None:
             key = key + (len(toks),)

@@ -108,6 +108,7 @@ def drive(policy, strides, seed, heads=1, ties=True):
     raw = [{} for _ in range(heads)]
     for c in strides:
         k = torch.zeros(1, heads, c, 16)
+        policy.before_step(cache, c)  # (a full cascade's decode step takes its unit to drop from the device)
         layer.append(k, k)
         mass = torch.rand(1, heads, len(layer), generator=rng)
         if ties:

@@ -83,7 +83,7 @@ def test_fused_rotation_keeps_what_the_pytorch_path_keeps(spec, monkeypatch):
 
     model = tiny_model("qwen2", layers=3).to("cuda", torch.bfloat16)
     fused, _, pos_f = _decode(model, spec, monkeypatch, graphs=True)
-    monkeypatch.setattr(cache_mod, "_fused_rope", lambda keys: False)
+    monkeypatch.setattr(cache_mod, "_fused_rope", lambda layer, keys: False)
     plain, _, pos_p = _decode(model, spec, monkeypatch, graphs=True)
     assert fused == plain
     assert all(torch.equal(a, b) for a, b in zip(pos_f, pos_p))

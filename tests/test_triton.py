@@ -185,6 +185,9 @@ DROPS = [  # B, H, n, capacity, D, mode, lo/hi or victim
     # the cascade's decode step: one of two adjacent units of `width` slots from `base`, or a fixed unit
     (1, 2, 40, 48, 16, "unit", (10, 3)), (2, 2, 30, 32, 16, "unit-shared", (0, 1)), (1, 2, 40, 40, 16, "unit", (36, 2)),
     (1, 2, 25, 32, 16, "victim", (4, 4)),
+    # the same from a device schedule [start, fixed] (the cascade's replayed step)
+    (1, 2, 40, 48, 16, "sched", (10, 3, 0)), (2, 2, 30, 32, 16, "sched-shared", (7, 1, 0)),
+    (1, 2, 40, 48, 16, "sched", (12, 4, 1)),
 ]
 if HAS_CUDA:
     DROPS += [(1, 2, 2049, 2304, 64, "score", 1025), (4, 8, 4097, 4352, 128, "shared", 4097),
@@ -214,6 +217,12 @@ def test_drop_one_matches_keep_indices_and_compact(shape):
         ref.drop_one(ref.score.clone(), arg)
         drop_one(*bufs, tuple(torch.empty_like(b) for b in bufs), n, select=bufs[3][:, :, :n].clone(), hi=arg,
                  empty=EMPTY_POS)
+    elif mode.startswith("sched"):  # rows of full scores; the unit from start, or the lower of two from there
+        select = torch.randint(0, 3, (B, 1 if mode == "sched-shared" else H, n), generator=g).float()
+        sched = torch.tensor([arg[0], arg[2]])
+        ref.drop_one(select, sched=sched, width=width)
+        drop_one(*bufs, tuple(torch.empty_like(b) for b in bufs), n, select=select.to(DEV), sched=sched.to(DEV),
+                 width=width, empty=EMPTY_POS)
     elif mode.startswith("unit"):
         select = torch.randint(0, 2, (B, 1 if mode == "unit-shared" else H, 2), generator=g).float()
         ref.drop_one(select, 2, base=arg[0], width=width)
@@ -257,9 +266,69 @@ def test_rope_keys_matches_apply_and_unapply_rope(shape, dtype):
     want[:, :, first:first + C] = new
     got_k = k.clone()
     at = torch.tensor([first], device=DEV) if mode == "device" else first
-    got = rope_keys(got_k, new, cos, sin, n, at)
+    v, pos, score = (torch.randn(B, H, cap, D, generator=g).to(DEV, dtype), torch.full((B, H, cap), -7, device=DEV),
+                     torch.rand(B, H, cap, generator=g).to(DEV))
+    v0, pos0, score0 = v.clone(), pos.clone(), score.clone()
+    v_new = torch.randn(B, H, C, D, generator=g).to(DEV, dtype)
+    orig = torch.arange(100, 100 + B * C, device=DEV).view(B, C)[:1 if mode == "device" else B]
+    got = rope_keys(got_k, new, cos, sin, n, at, store=(v, v_new, pos, orig, score))
+    # the rest of an append: values, original positions (one row of them shared by the batch, or one per row), scores
+    assert torch.equal(v[:, :, first:first + C], v_new)
+    assert torch.equal(pos[:, :, first:first + C], orig.view(-1, 1, C).expand(B, H, C))
+    assert not score[:, :, first:first + C].any()
+    for t, t0 in ((v, v0), (pos, pos0), (score, score0)):
+        assert torch.equal(t[:, :, :first], t0[:, :, :first]) and torch.equal(t[:, :, first + C:], t0[:, :, first + C:])
     # within one rounding of the storage dtype (on an H200 about 1 in 5 values differ by one unit in the last place)
     _close(got, want, 1e-2, "rotated keys")
     assert torch.equal(got[:, :, first:first + C], new)
     assert torch.equal(got_k[:, :, :first], k[:, :, :first]) and torch.equal(got_k[:, :, first + C:], k[:, :, first + C:])
     _close(got_k[:, :, first:first + C], want_k[:, :, first:first + C], 1e-2, "stored keys")
+
+
+CACHE_EDITS = [("streaming", {"budget": 24}), ("cascade", {"budget": 32}),
+               ("cascade", {"budget": 48, "block": 4, "cascades": 2, "head_reduction": "none"}),
+               ("locret", {"budget": 24, "stabilizers": 8, "local": 2, "decode_window": 6, "heads": "random"})]
+
+
+@pytest.mark.parametrize("spec", CACHE_EDITS, ids=[f"{s[0]}{i}" for i, s in enumerate(CACHE_EDITS)])
+def test_cache_edit_kernels_keep_what_the_pytorch_path_keeps(spec, monkeypatch):
+    """The cache-editing kernels inside a real decode (eviction with LayerCache.drop_one, the cascade's unit drops,
+    append_rotated for in-cache positions, padded steps included), in float32 so that both paths compute alike: the
+    same tokens decoded and the same tokens kept as with the PyTorch twins. On CUDA where there is one, else in
+    Triton's CPU interpreter (CI)."""
+    import kvcascade.cache as cache_mod
+    from kvcascade.cache import _padded_ok
+    from kvcascade.engine import Session
+    from kvcascade.kernels import triton_cache
+    from kvcascade.policies import make_policy
+
+    from .conftest import tiny_model
+    from .test_graph_keys import _Tok, _traced_step
+
+    model = tiny_model("qwen2", layers=2).to(DEV)
+    ids = torch.randint(0, 96, (70,), generator=torch.Generator().manual_seed(8)).tolist()
+    runs, calls = [], []
+    for fused in (False, True):
+        if fused:
+            for name in ("drop_one", "rope_keys"):
+                fn = getattr(triton_cache, name)
+                monkeypatch.setattr(triton_cache, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
+            monkeypatch.setattr(cache_mod, "_triton_edits", lambda t: True)
+            monkeypatch.setattr(cache_mod, "_fused_rope",
+                                lambda layer, keys: layer._k is not None and layer._v.shape[-1] == layer._k.shape[-1])
+        s = Session(model, _Tok(), ids, make_policy(spec[0], **spec[1]), max_new_tokens=12, chunk_size=32,
+                    stop_on_eos=False)
+        with torch.inference_mode():
+            while s.t1 is None:
+                s.step()
+            while len(s.new) < 11:  # padded where a CUDA graph would be (a step that evicts nothing)
+                s.new.append(int(s.logits.argmax()))
+                _traced_step(s, model, s.new[-1], padded=_padded_ok(s.cache))
+        runs.append((list(s.new), [layer.pos.clone() for layer in s.cache.layers],
+                     [layer.score.clone() for layer in s.cache.layers]))
+        s.close()
+    (tok_a, pos_a, sc_a), (tok_b, pos_b, sc_b) = runs
+    assert calls.count("rope_keys") >= 20 and (spec[0] == "locret" or calls.count("drop_one") >= 4), calls
+    assert tok_a == tok_b
+    assert all(torch.equal(a, b) for a, b in zip(pos_a, pos_b))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(sc_a, sc_b))

@@ -116,6 +116,11 @@ class Policy:
         (see :mod:`kvcascade.graphs`)."""
         return () if self.graph_safe else None
 
+    def before_step(self, cache, tokens: int) -> None:
+        """Called before every step of ``tokens`` new tokens that :class:`~kvcascade.graphs.DecodeGraphs` runs
+        (eagerly, captured or replayed), outside any graph: a policy whose step depends on host numbers that
+        :meth:`graph_key` leaves out writes them to device memory here (the cascade's unit to drop)."""
+
     def grows_next(self, cache, layer) -> bool:
         """Whether this policy's next decode step on ``layer`` only adds the token (no eviction, nothing but
         :meth:`padded_step` to do): then it can run padded (see ``CompressedCache.padded``). Default: a policy

@@ -115,9 +115,67 @@ class Cascade(ShareParam, Policy):
         if tokens == 1 and t >= 0:
             if (t + 1) % self.block:
                 return ("wait",)
+            if self._scheduled(cache) is not None:  # one graph: the schedule is device data (before_step)
+                return ("unit", "steady")
             return ("unit",) + tuple(self._due(t // self.block, i) for i in range(self.cascades))
         fill = max(0, min(t, self.block * (self.cascades * self.units + 2)))  # exact until every cascade is full
         return (t % (self.block * self.every(self.cascades - 1)), fill)
+
+    def _scheduled(self, cache):
+        """For a decode token that completes a unit while every cascade is full (and past the eager fill): which
+        unit leaves, ``("fixed" | "pair", start)`` (see :meth:`_walk`); else None. Such steps differ only in these
+        two numbers, which :meth:`before_step` hands to the device, so one CUDA graph replays them all."""
+        layer = cache._reference_layer()
+        t = layer.seen + 1 - self.sinks  # tokens after the sinks once this one is in
+        counts = layer.state.get("counts")
+        if layer.seen < self.sinks or t % self.block or self.recenter or counts is None:
+            return None
+        unit = t // self.block - 1
+        if not self._scheduled_now(counts, unit):
+            return None
+        return self._walk(list(counts), unit, len(layer) + 1)
+
+    def before_step(self, cache, tokens: int) -> None:
+        if tokens != 1:
+            return
+        plan = self._scheduled(cache)
+        if plan is None:
+            return
+        dev = cache._reference_layer()._k.device
+        sched = cache.aux.get("cascade_sched")
+        with torch.inference_mode():
+            if sched is None or sched.device != dev:
+                sched = cache.aux["cascade_sched"] = torch.zeros(2, dtype=torch.long, device=dev)
+            sched[0].fill_(plan[1])
+            sched[1].fill_(int(plan[0] == "fixed"))
+        cache.aux["cascade_sched_for"] = cache._reference_layer().seen
+
+    def _walk(self, counts: list, unit: int, n: int):
+        """The schedule of a decode token that completes unit ``unit`` (arrival index after the sinks) in a layer of
+        ``n`` tokens (the token included) whose cascades hold ``counts`` units (updated in place): ``(None, 0)``
+        (nothing leaves), ``("fixed", start)`` (the unit at slot ``start`` leaves) or ``("pair", start)`` (the
+        lower-scored of the units at ``start`` and ``start + block`` leaves: cascade i's newest unit against the
+        offer from cascade i - 1, which sits right after it). The cache holds the sinks, then the cascades oldest
+        first, then the unfinished unit, so every other slot keeps its order."""
+        S, W, C, b = self.sinks, self.units, self.cascades, self.block
+        starts = [0] * C  # slot of the first token of cascade i
+        s0 = S
+        for i in reversed(range(C)):
+            starts[i] = s0
+            s0 += counts[i] * b
+        offer = n - b
+        for i in range(C):
+            k = counts[i]
+            if k == 0 or self._due(unit, i):  # a new slot for the offer; the oldest moves on when full
+                if k < W:
+                    counts[i] = k + 1
+                    return None, 0
+                offer = starts[i]
+                continue
+            if self.rule == "fixed":  # v1: the incumbent keeps the slot
+                return "fixed", offer
+            return "pair", starts[i] + (k - 1) * b
+        return "fixed", offer  # the oldest unit of the last cascade leaves the cache
 
     def _due(self, unit: int, i: int) -> bool:
         """Whether cascade ``i`` takes the unit that arrives ``unit``-th (after the sinks) as a new slot."""
@@ -139,7 +197,7 @@ class Cascade(ShareParam, Policy):
 
     def padded_step(self, cache, layer, slot, mass=None) -> None:
         group = cache.num_heads // cache.num_kv_heads
-        layer._score[:, :, : mass.shape[-1]].mul_(self.beta).add_(mass / group)  # empty slots stay 0
+        layer._score[:, :, : mass.shape[-1]].mul_(self.beta).add_(mass, alpha=1 / group)  # empty slots stay 0
 
     def _on_device(self, t: torch.Tensor, dev) -> torch.Tensor:
         """``t`` (a small host tensor of the schedule) as a device tensor made once per value: a step replayed
@@ -222,52 +280,39 @@ class Cascade(ShareParam, Policy):
         return st.gather(-1, best).squeeze(-1)
 
     # -- the policy step ---------------------------------------------------------------------------------
-    def _one_token(self, layer, row_scores: torch.Tensor, counts: list) -> None:
-        """A decode token's step (``row_scores`` ``[R, n]``: the selection scores): the schedule walked on the host,
-        and at most one unit (``block`` consecutive slots) dropped in place (:meth:`LayerCache.drop_one`): the loser
-        of the one competition, or the oldest unit of the last cascade. The cache holds the sinks, then the cascades
-        oldest first, then the unfinished unit, so what a cascade offers to the next (its oldest unit) sits right
-        after the unit it competes with (the next cascade's newest), and every other slot keeps its order: the
-        step of :meth:`step` for one token, in two kernels instead of a few dozen per cascade."""
-        S, W, C, b = self.sinks, self.units, self.cascades, self.block
-        n = len(layer)
-        t = layer.seen - S
+    def _one_token(self, cache, layer, row_scores: torch.Tensor, counts: list) -> None:
+        """A decode token's step (``row_scores`` ``[R, n]``: the selection scores): the schedule walked on the host
+        (:meth:`_walk`), and at most one unit (``block`` consecutive slots) dropped in place
+        (:meth:`LayerCache.drop_one`): the step of :meth:`step` for one token, in two kernels instead of a few dozen
+        per cascade. Once every cascade is full the unit to drop comes from the device (:meth:`before_step`)."""
+        b = self.block
+        t = layer.seen - self.sinks
         if t % b:  # the token joined an unfinished unit: nothing is offered
             return
-        unit = t // b - 1  # the unit it completed
-        starts = [0] * C  # slot of the first token of cascade i
-        s0 = S
-        for i in reversed(range(C)):
-            starts[i] = s0
-            s0 += counts[i] * b
-        offer = n - b
-        for i in range(C):
-            k = counts[i]
-            if k == 0 or self._due(unit, i):  # a new slot for the offer; the oldest moves on when full
-                if k < W:
-                    counts[i] = k + 1
-                    return
-                offer = starts[i]
-                continue
-            lo = starts[i] + (k - 1) * b  # the incumbent (cascade i's newest unit); the offer follows it
-            if self.rule == "fixed":  # v1: the incumbent keeps the slot
-                layer.drop_one(victim=offer, width=b)
-                return
-            pair = row_scores[:, lo:lo + 2 * b]
+        B = layer.keys.shape[0]
+        if cache.aux.get("cascade_sched_for") == layer.seen - 1 and self._scheduled_now(counts, t // b - 1):
+            layer.drop_one(row_scores.view(B, -1, row_scores.shape[-1]), sched=cache.aux["cascade_sched"], width=b)
+            return
+        kind, start = self._walk(counts, t // b - 1, len(layer))
+        if kind == "fixed":
+            layer.drop_one(victim=start, width=b)
+        elif kind == "pair":
+            pair = row_scores[:, start:start + 2 * b]
             if b > 1:
                 pair = pair.reshape(pair.shape[0], 2, b).amax(-1)
-            B = layer.keys.shape[0]
             # the lower unit score goes; on a tie the incumbent (the offer wins ties, as in the official kernel)
-            layer.drop_one(pair.view(B, -1, 2), 2, lo=0, base=lo, width=b)
-            return
-        layer.drop_one(victim=offer, width=b)  # the oldest unit of the last cascade leaves the cache
+            layer.drop_one(pair.view(B, -1, 2), 2, lo=0, base=start, width=b)
+
+    def _scheduled_now(self, counts, unit: int) -> bool:
+        """Whether this step is one :meth:`_scheduled` gave to the device (every cascade full, past the fill)."""
+        return all(k == self.units for k in counts) and not (self.eager_fill and unit < self.cascades * self.units)
 
     def step(self, cache, layer, stats) -> None:
         c = stats.n_queries
         n = len(layer)
         seen_before = layer.seen - c
         # EMA update of every token's score (the chunk's tokens start at 0): stats.mass is already weighted
-        layer.score.mul_(self.beta ** c).add_(stats.mass / stats.group)
+        layer.score.mul_(self.beta ** c).add_(stats.mass, alpha=1 / stats.group)
         counts = layer.state.setdefault("counts", [0] * self.cascades)  # units per cascade
         pending = self.pending(layer, seen_before)  # tokens of an unfinished block, right before the stride
         one = c == 1 and seen_before >= self.sinks and not self.recenter  # a decode token: at most one unit leaves
@@ -293,7 +338,7 @@ class Cascade(ShareParam, Policy):
             row_scores = rows(peak)
         R = row_scores.shape[0]
         if one:
-            self._one_token(layer, row_scores, counts)
+            self._one_token(cache, layer, row_scores, counts)
             return
         rc = None
         if b > 1:  # a unit's score is the largest score among its b tokens; unit = pool index of its first token
