@@ -55,7 +55,7 @@ class _Tok:
 
 def _traced_step(s, model, tok: int, padded: bool) -> list:
     """One decode step of session ``s`` as a capture would run it (padded or not); its operator trace."""
-    inp = torch.tensor([[tok]])  # a replay reads the token from a buffer filled before it
+    inp = torch.tensor([[tok]], device=model.device)  # a replay reads the token from a buffer filled before it
     s.cache.policy.before_step(s.cache, 1)  # (DecodeGraphs calls it outside the graph)
     s.cache.padded = padded
     if padded and not s.cache.keys_rotated:
