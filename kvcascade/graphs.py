@@ -23,9 +23,8 @@ which every step calls outside any graph (the cascade writes there which unit it
 steady steps share one graph).
 
 A key is captured the second time it is seen among the last ``SEEN_KEYS`` keys (the first run compiles every
-kernel eagerly; a policy whose step cycles through a few keys, like the cascade's schedule, is captured once per
-key of the cycle), and a replay then
-sets the host state to what the capture left (token counts, policy state; ``seen`` advanced by the step). If a
+kernel eagerly; a policy whose step cycles through a few keys, like the cascade's prompt chunks, is captured once
+per key of the cycle), and a replay then sets the host state to what the capture left (token counts, policy state; ``seen`` advanced by the step). If a
 capture fails, the host state is restored, graphs are turned off for the rest of the process with one warning
 (a failed capture can leave CUDA state behind: the default CUDA generator stays in capture mode, so later draws
 from it raise), and the step runs eagerly: never a wrong token. Policies opt in (``graph_safe``). Sliding-window

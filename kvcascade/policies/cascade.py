@@ -23,6 +23,10 @@ Positions are in-cache: sinks ``0..S-1``, then the cascades oldest first (``kvca
 by original position, and every token in cascade ``i + 1`` is older than every token in cascade ``i``,
 so the slot order is exactly the paper's order).
 
+Decoding: a token's step walks the schedule on the host and drops at most one unit in place (the loser of the
+one competition, or the oldest unit of the last cascade), two kernels; once every cascade is full which unit leaves
+is handed to the device before the step (``before_step``), so one CUDA graph replays every steady step.
+
 Strided prefill: each prompt chunk (stride) attends to the cache plus itself; then its tokens are inserted
 in order with the scores they got. The insertion is vectorised: which slots are created and evicted at
 which arrival times does not depend on scores, so a stride costs one pass per cascade (segment arg-max over
