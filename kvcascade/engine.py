@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,9 @@ class GenerationResult:
     finish_reason: str = ""  # "stop" (EOS or a stop string) or "length" (max_new_tokens)
     decode_graph_steps: int = 0  # decode steps replayed as a CUDA graph (see kvcascade.graphs)
     decode_batch: int = 1  # most prompts decoded together with this one (generate with a list of prompts)
+    # median wall time of one decode step (sampling included): the steady rate, without the first steps' compiles
+    # and CUDA graph captures that decode_s counts (0.0 with fewer than two decoded tokens)
+    decode_step_s: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -266,6 +270,7 @@ class Session:
         self.done = False
         self.finish_reason: str | None = None
         self.t0 = self.t1 = self.t2 = None
+        self.marks: list[float] = []  # when each decoded token was taken (decode_step_s)
         self.batch_rows = 1  # most rows of a BatchDecoder this session was decoded in
         self.batch_replays = 0  # its steps there replayed as a CUDA graph
 
@@ -307,6 +312,7 @@ class Session:
         strings and the length limit. Returns the token to feed the model, or None when the session has finished."""
         if tok is None:
             tok = _sample(self.logits, self.temperature, self.top_p, self.gen)
+        self.marks.append(time.perf_counter())
         if tok in self.eos:
             self._finish("stop")
             return None
@@ -375,6 +381,8 @@ class Session:
             finish_reason=self.finish_reason or "",
             decode_graph_steps=self.graphs.replays + self.batch_replays,
             decode_batch=self.batch_rows,
+            decode_step_s=statistics.median(b - a for a, b in zip(self.marks, self.marks[1:])) if len(self.marks) > 1
+            else 0.0,
         )
 
     def close(self) -> None:

@@ -51,6 +51,26 @@ def test_generate_leaves_the_model_as_it_found_it(tiny_model_dir):
     torch.testing.assert_close(after, before)
 
 
+def test_decode_step_time_is_the_median_step(tiny_model_dir, monkeypatch):
+    """decode_step_s is the median time between decoded tokens (the steady rate a benchmark reports beside the
+    whole decode's, which counts the first steps' compiles and graph captures): one slow step does not move it."""
+    import kvcascade.engine as engine
+
+    model, tok = kvcascade.load_model(str(tiny_model_dir), device="cpu", progress=False)
+    # prefill from 0 to 1, then tokens taken at 1, 11 (a 10 s step), 11.5, ..., 13; the end at 13.5
+    clock = iter([0.0, 1.0, 1.0, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5])
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock, 99.0))
+    s = engine.Session(model, tok, [5, 6, 7, 8], make_policy("full"), max_new_tokens=6, chunk_size=4,
+                       stop_on_eos=False)
+    while not s.step():
+        pass
+    r = s.result()
+    s.close()
+    assert r.new_tokens == 6 and r.decode_step_s == 0.5 and r.decode_s == 12.5
+    one = generate(model, tok, "w1 w2", policy="full", max_new_tokens=1)
+    assert one.decode_step_s == 0.0
+
+
 def test_cache_release_and_context_manager():
     model = tiny_model("qwen2")
     model.set_attn_implementation("eager")

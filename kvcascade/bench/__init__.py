@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -339,14 +340,15 @@ def bench_e2e(model_name=None, length: int = 1048576, budget: int = 8192, policy
         rows.append({"T": s.tokens, "method": f"{pol}" + (f" budget {b}" if b else ""), "chunk": chunk_size,
                      "prefill_s": r.prefill_s, "prefill_tok_s": s.tokens / r.prefill_s,
                      "decode_tok_s": r.new_tokens / r.decode_s if r.decode_s else None,
+                     "steady_tok_s": 1 / r.decode_step_s if r.decode_step_s else None,
                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "weights_gib": base / 2**30,
                      "kv_mib": r.kv_bytes_peak / 2**20, "passkey_found": s.answers[0] in r.text,
                      "answer": r.text[:40], "prompt_build_s": gen_s, "ms": r.prefill_s * 1000, "tflops": None,
                      "speedup_vs_cudnn": None})
         print(f"{pol} {L}: prefill {r.prefill_s:.1f} s, answer {r.text[:30]!r}", file=sys.stderr, flush=True)
     meta = {"device": device_name(), "model": model_name, "dtype": str(model.dtype)}
-    print_table(rows, ["T", "method", "chunk", "prefill_s", "prefill_tok_s", "decode_tok_s", "peak_gib", "kv_mib",
-                       "passkey_found"], f"bench e2e ({meta['device']}, {model_name})")
+    print_table(rows, ["T", "method", "chunk", "prefill_s", "prefill_tok_s", "decode_tok_s", "steady_tok_s",
+                       "peak_gib", "kv_mib", "passkey_found"], f"bench e2e ({meta['device']}, {model_name})")
     write_json(rows, out, meta)
     return rows
 
@@ -355,7 +357,8 @@ def bench_e2e(model_name=None, length: int = 1048576, budget: int = 8192, policy
 def _stock_decode(model, ids: torch.Tensor, new_tokens: int, cache_implementation: str | None) -> dict:
     """Stock ``model.generate`` (greedy, exactly ``new_tokens``), timed per step by a logits processor that
     synchronises and reads the clock (generate checks its stopping criteria on the host every step anyway): decode
-    tokens/s over the steps after the first. One warm-up run first (which also compiles, where transformers does)."""
+    tokens/s over the steps after the first, and at the median step (``steady_tok_s``). One warm-up run first
+    (which also compiles, where transformers does)."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class Clock(LogitsProcessor):
@@ -377,7 +380,7 @@ def _stock_decode(model, ids: torch.Tensor, new_tokens: int, cache_implementatio
     t = time.perf_counter()
     model.generate(ids, logits_processor=LogitsProcessorList([clock]), **kw)
     return {"decode_tok_s": (len(clock.t) - 1) / (clock.t[-1] - clock.t[0]), "prefill_s": clock.t[0] - t,
-            "warmup_s": warm}
+            "steady_tok_s": 1 / statistics.median(b - a for a, b in zip(clock.t, clock.t[1:])), "warmup_s": warm}
 
 
 def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "streaming", "h2o", "tova", "snapkv",
@@ -415,7 +418,8 @@ def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "st
                 rows.append({"T": L, "method": f"transformers generate, {peer} cache", "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
             rows.append({"T": L, "method": f"transformers generate, {peer} cache", "decode_tok_s": r["decode_tok_s"],
-                         "prefill_s": r["prefill_s"], "note": f"first run {r['warmup_s']:.1f} s"})
+                         "steady_tok_s": r["steady_tok_s"], "prefill_s": r["prefill_s"],
+                         "note": f"first run {r['warmup_s']:.1f} s"})
             print(f"{L} {peer}: {r['decode_tok_s']:.0f} tok/s", file=sys.stderr, flush=True)
         for spec in policies:
             name, pargs = parse_policy_spec(spec)
@@ -429,6 +433,7 @@ def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "st
                 rows.append({"T": L, "method": f"kvcascade {spec}" + (f" budget {b}" if b else "") +
                              (", CUDA graphs" if graphs == "1" else ", eager"),
                              "decode_tok_s": r.new_tokens / r.decode_s, "prefill_s": r.prefill_s,
+                             "steady_tok_s": 1 / r.decode_step_s if r.decode_step_s else None,
                              "kv_mib": r.kv_bytes_peak / 2**20,
                              "note": f"{r.decode_graph_steps} of {r.new_tokens - 1} decode steps replayed" if graphs == "1" else ""})
                 print(f"{L} {spec} graphs={graphs}: {r.new_tokens / r.decode_s:.0f} tok/s", file=sys.stderr, flush=True)
@@ -446,11 +451,12 @@ def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "st
             total = sum(r.new_tokens for r in rs)
             rows.append({"T": L, "method": f"kvcascade {batch_policy} budget {budget}, {nb} prompts decoded together",
                          "decode_tok_s": total / decode_wall, "prefill_s": sum(r.prefill_s for r in rs),
+                         "steady_tok_s": len(rs) / statistics.median(r.decode_step_s for r in rs),
                          "kv_mib": sum(r.kv_bytes_peak for r in rs) / 2**20,
                          "note": f"aggregate; batch {max(r.decode_batch for r in rs)}, "
                                  f"{rs[0].decode_graph_steps} of {new_tokens - 1} steps replayed"})
             print(f"{L} batch {nb}: {total / decode_wall:.0f} tok/s aggregate", file=sys.stderr, flush=True)
-    print_table(rows, ["T", "method", "decode_tok_s", "prefill_s", "kv_mib", "note"],
+    print_table(rows, ["T", "method", "decode_tok_s", "steady_tok_s", "prefill_s", "kv_mib", "note"],
                 f"bench generate ({meta['device']}, {model_name}, {new_tokens} new tokens)")
     write_json(rows, out, {**meta, "complete": True})
     if out:
