@@ -111,9 +111,10 @@ class Cascade(ShareParam, Policy):
     def graph_key(self, cache, tokens: int = 1):
         """A step's slot schedule (which cascade is due, what merges, what is pushed on) depends on host integers
         only: the layers' unit counts (their state, part of every key anyway) and arrival times. A decode token that
-        only joins an unfinished unit (``block > 1``) schedules nothing; one that completes a unit is decided by which
-        cascades are due at that unit's arrival (at most ``cascades + 1`` patterns: a cascade due is due every
-        ``rate``-th time the one before it is). A prompt chunk's schedule follows the arrival time modulo the slowest
+        only joins an unfinished unit (``block > 1``) schedules nothing; once every cascade is full, one that completes
+        a unit takes which unit leaves from the device (:meth:`before_step`), so all share one key; before that it is
+        decided by which cascades are due at that unit's arrival (at most ``cascades + 1`` patterns: a cascade due is
+        due every ``rate``-th time the one before it is). A prompt chunk's schedule follows the arrival time modulo the slowest
         cascade's period and, while the cascades fill (``eager_fill``), the arrival time itself."""
         t = cache.layers[0].seen - self.sinks
         if tokens == 1 and t >= 0:
