@@ -57,7 +57,8 @@ def _summary(r) -> str:
     rate = r.new_tokens / r.decode_s if r.decode_s > 0 else 0.0
     return (f"[{r.policy} {r.params}] {r.prompt_tokens:,} prompt tokens | KV peak {_mib(r.kv_bytes_peak)} "
             f"({r.kv_tokens_peak:,} tokens/layer) vs full cache {_mib(r.kv_bytes_full)} | prefill {r.prefill_s:.2f} s "
-            f"| decode {r.decode_s:.2f} s ({r.new_tokens} tokens, {rate:.1f} tok/s)")
+            f"| decode {r.decode_s:.2f} s ({r.new_tokens} tokens, {rate:.1f} tok/s"
+            + (f"; {1 / r.decode_step_s:.1f} tok/s at the median step)" if r.decode_step_s > 0 else ")"))
 
 
 def _load(args):
