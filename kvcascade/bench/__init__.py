@@ -442,6 +442,8 @@ def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "st
         for nb in batches:
             starts = [(i * 997) % max(1, len(text_ids) - L) for i in range(nb)]  # nb different prompts of L tokens
             prompts = [text_ids[a:a + L] for a in starts]
+            generate(model, tok, [p[:min(L, 2 * chunk_size)] for p in prompts], policy=name, budget=budget,
+                     policy_args=pargs, max_new_tokens=8, chunk_size=chunk_size, stop_on_eos=False)  # warm-up, as above
             torch.cuda.synchronize()
             t = time.perf_counter()
             rs = generate(model, tok, prompts, policy=name, budget=budget, policy_args=pargs,
