@@ -13,6 +13,8 @@
 #                  niah_single on prose at 8K/32K for full and interlayer (delta x proximal window); into $OUT/interlayer
 #   decode         GPU tests of CUDA graphs and batching, then bench generate (4K/32K, per policy, batches 8/32)
 #   profile        scripts/profile_decode.py: where a decode step's time goes, per policy ($POLICIES, space-separated)
+#   prefill        where a 1M prefill's time goes: scripts/profile_decode.py --chunk for prompt chunks at budget 8192
+#                  ($POLICIES), then bench e2e at 1M with chunks of ${CHUNKS:-4096 8192} (graphs on)
 #   kernelcheck    scripts/kernel_check.py: Triton vs reference at every attention call of $MODEL (default Gemma-3-270M),
 #                  then its KJV-NT perplexity at 8K under full on the default (fenced) path
 #   gemmacheck     Gemma-3-270M converted under the transformers wheel carried in .whl518/ (the lent machine's 5.17
@@ -167,6 +169,13 @@ for w in sys.argv[1:]:
     $KV bench attention --lengths "${LENGTHS:-32k,128k,512k,1m}" ${METHODS:+--methods $METHODS} --out "$OUT/bench_attention.json" ;;
   profile)
     python3 scripts/profile_decode.py --out "$OUT/profile_decode.json" ${POLICIES:-full streaming h2o snapkv tova locret cascade} ;;
+  prefill)
+    python3 scripts/profile_decode.py --chunk 4096 --prompt 16384 --budget 8192 --steps 8 --top 16 \
+      --out "$OUT/profile_chunk.json" ${POLICIES:-streaming cascade cascade:block=32:cascades=12}
+    for c in ${CHUNKS:-4096 8192}; do
+      $KV bench e2e --lengths 1m --chunk-size $c --full-lengths 32k --new-tokens 256 --out "$OUT/bench_e2e_c$c.json" 2>&1 \
+        | grep -E "^\|" || true
+    done ;;
   kernelcheck)
     M=${MODEL:-gemma-3-270m}
     python3 scripts/kernel_check.py --model $M --tokens "${TOKENS:-4096}" --out "$OUT/kernel_check_$M.json"
