@@ -305,14 +305,16 @@ class LayerCache:
         return protect
 
     def drop_one(self, score: torch.Tensor | None = None, hi: int | None = None, *, victim: int | None = None,
-                 lo: int = 0, base: int = 0, width: int = 1, sched: torch.Tensor | None = None) -> None:
-        """Drop one token from every row and KV head, in place: the first of the lowest ``score`` (``[B, H | 1, m]``)
-        among the slots ``[lo, hi)`` (the newer ones are protected), or slot ``victim``. What a decode step at the
+                 width: int = 1, pair: int | torch.Tensor | None = None) -> None:
+        """Drop one token from every row and KV head, in place: the first of the lowest ``score`` (``[B, H | 1, n]``)
+        among the slots before ``hi`` (the newer ones are protected), or slot ``victim``. What a decode step at the
         budget does; on CUDA two Triton kernels (:mod:`kvcascade.kernels.triton_cache`) instead of a dozen, elsewhere
-        (or with a storage hook, or extra per-token tensors) an argmin and :meth:`compact`. ``width > 1`` drops ``width`` consecutive slots (the cascade's unit): from ``victim``, or
-        from ``base + j * width`` for the first lowest ``score[..., j]``, ``j`` in ``[lo, hi)``; or as the device
-        tensor ``sched`` ``[start, fixed]`` says (what a CUDA graph of the cascade's step reads, see
-        :func:`kvcascade.kernels.triton_cache.drop_one`)."""
+        (or with a storage hook, or extra per-token tensors) an argmin and :meth:`compact`.
+
+        ``width > 1`` drops ``width`` consecutive slots (the cascade's unit): from ``victim``, or with ``pair`` (the
+        cascade's competition) the lower-scored of the units at ``pair`` and ``pair + width`` (a unit scores its
+        largest ``score``; the first goes on a tie). ``pair`` may be a device tensor ``[start, fixed]`` (the unit at
+        ``start`` goes outright when ``fixed``), which a CUDA graph of the step reads at every replay."""
         n = self.n
         hi = n if hi is None else max(0, min(hi, n))
         if _fused_edits(self):
@@ -323,25 +325,41 @@ class LayerCache:
             scratch = self.scratch.get(key)
             if scratch is None:
                 scratch = self.scratch[key] = tuple(torch.empty_like(b) for b in bufs)
-            triton_cache.drop_one(*bufs, scratch, n, select=score, lo=lo, hi=hi, victim=victim, empty=EMPTY_POS,
-                                  base=base, width=width, sched=sched)
+            if isinstance(pair, torch.Tensor):
+                how = {"select": score, "sched": pair}
+            elif pair is not None:  # the two units' scores, and the first lowest of them
+                how = {"select": _unit_pair(score, pair, width), "hi": 2, "base": pair}
+            else:
+                how = {"select": score, "hi": hi, "victim": victim}
+            triton_cache.drop_one(*bufs, scratch, n, empty=EMPTY_POS, width=width, **how)
             self.n = n - width
             return
+        if pair is not None:
+            sched = isinstance(pair, torch.Tensor)
+            start = pair[0] if sched else pair
+            two = _unit_pair(score, start, width)
+            offer_goes = two[..., :1] > two[..., 1:]  # the incumbent (the first) goes on a tie
+            if sched:
+                offer_goes &= pair[1] == 0
+            start = start + width * offer_goes.long()
+        elif victim is not None:
+            start = victim
+        elif hi > 0:  # the first of the lowest (torch.argmin's choice among equal scores)
+            start = score[..., :hi].float().argmin(dim=-1, keepdim=True)
+        else:  # nothing to choose from: the first slot (as the kernel)
+            start = 0
         ar = torch.arange(n - width, device=self._k.device)
-        if sched is not None:  # the larger score of each unit; the offer (the second) wins ties
-            pair = score.index_select(-1, sched[0] + torch.arange(2 * width, device=score.device))
-            pair = pair.view(*score.shape[:-1], 2, width).amax(-1)
-            start = sched[0] + width * ((pair[..., 0] > pair[..., 1]) & (sched[1] == 0)).long()
-            self.compact(ar + width * (ar >= start.unsqueeze(-1)).long())
-            return
-        if victim is not None:
-            self.compact(ar + width * (ar >= victim).long())
-            return
-        if hi <= lo:  # nothing to choose from: the first candidate (as the kernel)
-            start = torch.full(score.shape[:-1] + (1,), base + lo * width, device=self._k.device)
-        else:  # the first of the lowest (torch.argmin's choice among equal scores)
-            start = base + (score[..., lo:hi].float().argmin(dim=-1, keepdim=True) + lo) * width
         self.compact(ar + width * (ar >= start).long())
+
+
+def _unit_pair(score: torch.Tensor, start, width: int) -> torch.Tensor:
+    """``[..., 2]``: the largest ``score`` of the units of ``width`` slots at ``start`` and ``start + width``
+    (``start`` an int, or a device tensor: indices made on the device)."""
+    if isinstance(start, torch.Tensor):
+        two = score.index_select(-1, start + torch.arange(2 * width, device=score.device))
+    else:
+        two = score[..., start:start + 2 * width]
+    return two.reshape(*score.shape[:-1], 2, width).amax(-1) if width > 1 else two
 
 
 def _fused_edits(layer: LayerCache) -> bool:

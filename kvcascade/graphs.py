@@ -24,11 +24,12 @@ steady steps share one graph).
 
 A key is captured the second time it is seen among the last ``SEEN_KEYS`` keys (the first run compiles every
 kernel eagerly; a policy whose step cycles through a few keys, like the cascade's prompt chunks, is captured once
-per key of the cycle), and a replay then sets the host state to what the capture left (token counts, policy state; ``seen`` advanced by the step). If a
-capture fails, the host state is restored, graphs are turned off for the rest of the process with one warning
-(a failed capture can leave CUDA state behind: the default CUDA generator stays in capture mode, so later draws
-from it raise), and the step runs eagerly: never a wrong token. Policies opt in (``graph_safe``). Sliding-window
-layers (Gemma3) are captured too: the Triton kernels read the window's query position on the device.
+per key of the cycle), and a replay then sets the host state to what the capture left (token counts, policy
+state; ``seen`` advanced by the step). If a capture fails, the host state is restored, graphs are turned off for
+the rest of the process with one warning (a failed capture can leave CUDA state behind: the default CUDA generator
+stays in capture mode, so later draws from it raise), and the step runs eagerly: never a wrong token. Policies
+opt in (``graph_safe``). Sliding-window layers (Gemma3) are captured too: the Triton kernels read the window's
+query position on the device.
 ``KVCASCADE_CUDA_GRAPHS=0`` turns graphs off; CPU never uses them.
 
 Prompt chunks go the same way (:meth:`DecodeGraphs.chunk`, from :func:`kvcascade.engine.iter_prefill`): a long

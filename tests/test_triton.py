@@ -182,7 +182,7 @@ def test_shared_attention_matches_reference(shape, share, per_head):
 DROPS = [  # B, H, n, capacity, D, mode, lo/hi or victim
     (1, 2, 40, 48, 16, "score", 30), (2, 3, 33, 33, 32, "score", 33), (1, 2, 20, 24, 16, "score", 0),
     (1, 1, 300, 320, 64, "shared", 300), (1, 2, 17, 20, 16, "victim", 4), (2, 2, 9, 12, 16, "victim", 0),
-    # the cascade's decode step: one of two adjacent units of `width` slots from `base`, or a fixed unit
+    # the cascade's decode step: the lower of two adjacent units of `width` slots from a start, or a fixed unit
     (1, 2, 40, 48, 16, "unit", (10, 3)), (2, 2, 30, 32, 16, "unit-shared", (0, 1)), (1, 2, 40, 40, 16, "unit", (36, 2)),
     (1, 2, 25, 32, 16, "victim", (4, 4)),
     # the same from a device schedule [start, fixed] (the cascade's replayed step)
@@ -220,13 +220,14 @@ def test_drop_one_matches_keep_indices_and_compact(shape):
     elif mode.startswith("sched"):  # rows of full scores; the unit from start, or the lower of two from there
         select = torch.randint(0, 3, (B, 1 if mode == "sched-shared" else H, n), generator=g).float()
         sched = torch.tensor([arg[0], arg[2]])
-        ref.drop_one(select, sched=sched, width=width)
+        ref.drop_one(select, pair=sched, width=width)
         drop_one(*bufs, tuple(torch.empty_like(b) for b in bufs), n, select=select.to(DEV), sched=sched.to(DEV),
                  width=width, empty=EMPTY_POS)
-    elif mode.startswith("unit"):
-        select = torch.randint(0, 2, (B, 1 if mode == "unit-shared" else H, 2), generator=g).float()
-        ref.drop_one(select, 2, base=arg[0], width=width)
-        drop_one(*bufs, tuple(torch.empty_like(b) for b in bufs), n, select=select.to(DEV), hi=2, base=arg[0],
+    elif mode.startswith("unit"):  # the same from a host start: the kernel takes the two units' largest scores
+        select = torch.randint(0, 3, (B, 1 if mode == "unit-shared" else H, n), generator=g).float()
+        ref.drop_one(select, pair=arg[0], width=width)
+        two = select[..., arg[0]:arg[0] + 2 * width].reshape(B, -1, 2, width).amax(-1)
+        drop_one(*bufs, tuple(torch.empty_like(b) for b in bufs), n, select=two.to(DEV), hi=2, base=arg[0],
                  width=width, empty=EMPTY_POS)
     else:
         victim = arg[0] if isinstance(arg, tuple) else arg

@@ -114,11 +114,12 @@ class Cascade(ShareParam, Policy):
         only joins an unfinished unit (``block > 1``) schedules nothing; once every cascade is full, one that completes
         a unit takes which unit leaves from the device (:meth:`before_step`), so all share one key; before that it is
         decided by which cascades are due at that unit's arrival (at most ``cascades + 1`` patterns: a cascade due is
-        due every ``rate``-th time the one before it is). A prompt chunk's schedule follows the arrival time modulo the slowest
-        cascade's period and, while the cascades fill (``eager_fill``), the arrival time itself."""
-        t = cache.layers[0].seen - self.sinks
+        due every ``rate``-th time the one before it is). A prompt chunk's schedule follows the arrival time modulo
+        the slowest cascade's period and, while the cascades fill (``eager_fill``), the arrival time itself."""
+        seen = cache.layers[0].seen
+        t = seen - self.sinks
         if tokens == 1 and t >= 0:
-            if (t + 1) % self.block:
+            if not self._completes_unit(seen + 1):
                 return ("wait",)
             if self._scheduled(cache) is not None:  # one graph: the schedule is device data (before_step)
                 return ("unit", "steady")
@@ -131,11 +132,10 @@ class Cascade(ShareParam, Policy):
         unit leaves, ``("fixed" | "pair", start)`` (see :meth:`_walk`); else None. Such steps differ only in these
         two numbers, which :meth:`before_step` hands to the device, so one CUDA graph replays them all."""
         layer = cache._reference_layer()
-        t = layer.seen + 1 - self.sinks  # tokens after the sinks once this one is in
         counts = layer.state.get("counts")
-        if layer.seen < self.sinks or t % self.block or self.recenter or counts is None:
+        if layer.seen < self.sinks or not self._completes_unit(layer.seen + 1) or self.recenter or counts is None:
             return None
-        unit = t // self.block - 1
+        unit = (layer.seen + 1 - self.sinks) // self.block - 1
         if not self._scheduled_now(counts, unit):
             return None
         return self._walk(list(counts), unit, len(layer) + 1)
@@ -146,14 +146,14 @@ class Cascade(ShareParam, Policy):
         plan = self._scheduled(cache)
         if plan is None:
             return
-        dev = cache._reference_layer()._k.device
+        layer = cache._reference_layer()
         sched = cache.aux.get("cascade_sched")
         with torch.inference_mode():
-            if sched is None or sched.device != dev:
-                sched = cache.aux["cascade_sched"] = torch.zeros(2, dtype=torch.long, device=dev)
+            if sched is None or sched.device != layer._k.device:
+                sched = cache.aux["cascade_sched"] = torch.zeros(2, dtype=torch.long, device=layer._k.device)
             sched[0].fill_(plan[1])
             sched[1].fill_(int(plan[0] == "fixed"))
-        cache.aux["cascade_sched_for"] = cache._reference_layer().seen
+        cache.aux["cascade_sched_for"] = layer.seen
 
     def _walk(self, counts: list, unit: int, n: int):
         """The schedule of a decode token that completes unit ``unit`` (arrival index after the sinks) in a layer of
@@ -197,8 +197,11 @@ class Cascade(ShareParam, Policy):
     padded_mass = True
 
     def grows_next(self, cache, layer) -> bool:
-        t = layer.seen - self.sinks
-        return self.select == "ema" and t >= 0 and (t + 1) % self.block != 0
+        return self.select == "ema" and layer.seen >= self.sinks and not self._completes_unit(layer.seen + 1)
+
+    def _completes_unit(self, seen: int) -> bool:
+        """Whether the token that brings a layer to ``seen`` tokens completes a unit (one past the sinks)."""
+        return seen > self.sinks and (seen - self.sinks) % self.block == 0
 
     def padded_step(self, cache, layer, slot, mass=None) -> None:
         group = cache.num_heads // cache.num_kv_heads
@@ -291,22 +294,18 @@ class Cascade(ShareParam, Policy):
         (:meth:`LayerCache.drop_one`): the step of :meth:`step` for one token, in two kernels instead of a few dozen
         per cascade. Once every cascade is full the unit to drop comes from the device (:meth:`before_step`)."""
         b = self.block
-        t = layer.seen - self.sinks
-        if t % b:  # the token joined an unfinished unit: nothing is offered
+        if not self._completes_unit(layer.seen):  # the token joined an unfinished unit: nothing is offered
             return
-        B = layer.keys.shape[0]
+        t = layer.seen - self.sinks
+        scores = row_scores.view(layer.keys.shape[0], -1, row_scores.shape[-1])
         if cache.aux.get("cascade_sched_for") == layer.seen - 1 and self._scheduled_now(counts, t // b - 1):
-            layer.drop_one(row_scores.view(B, -1, row_scores.shape[-1]), sched=cache.aux["cascade_sched"], width=b)
+            layer.drop_one(scores, pair=cache.aux["cascade_sched"], width=b)
             return
         kind, start = self._walk(counts, t // b - 1, len(layer))
         if kind == "fixed":
             layer.drop_one(victim=start, width=b)
-        elif kind == "pair":
-            pair = row_scores[:, start:start + 2 * b]
-            if b > 1:
-                pair = pair.reshape(pair.shape[0], 2, b).amax(-1)
-            # the lower unit score goes; on a tie the incumbent (the offer wins ties, as in the official kernel)
-            layer.drop_one(pair.view(B, -1, 2), 2, lo=0, base=start, width=b)
+        elif kind == "pair":  # the lower unit score goes; on a tie the incumbent (the offer wins, as the official kernel)
+            layer.drop_one(scores, pair=start, width=b)
 
     def _scheduled_now(self, counts, unit: int) -> bool:
         """Whether this step is one :meth:`_scheduled` gave to the device (every cascade full, past the fill)."""
@@ -321,7 +320,7 @@ class Cascade(ShareParam, Policy):
         counts = layer.state.setdefault("counts", [0] * self.cascades)  # units per cascade
         pending = self.pending(layer, seen_before)  # tokens of an unfinished block, right before the stride
         one = c == 1 and seen_before >= self.sinks and not self.recenter  # a decode token: at most one unit leaves
-        if one and (layer.seen - self.sinks) % self.block and self.select == "ema":
+        if one and not self._completes_unit(layer.seen) and self.select == "ema":
             return  # it joined an unfinished unit: nothing is offered, nothing compared
 
         S, W, C, b = self.sinks, self.units, self.cascades, self.block

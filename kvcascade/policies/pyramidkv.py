@@ -20,7 +20,8 @@ class PyramidKV(SnapKV):
     name = "pyramidkv"
     # no storage=interlayer: its layers keep different counts, so a block's layers cannot share distant keys
     PARAMS = {**{k: v for k, v in SnapKV.PARAMS.items() if not k.startswith("storage")}, "beta": 20}
-    DOCS = {**{k: v for k, v in SnapKV.DOCS.items() if not k.startswith("storage")}, "beta": "pyramid steepness: the top layer keeps (budget - window) / beta (paper: 20)",
+    DOCS = {**{k: v for k, v in SnapKV.DOCS.items() if not k.startswith("storage")},
+            "beta": "pyramid steepness: the top layer keeps (budget - window) / beta (paper: 20)",
             "budget": "average tokens kept per layer and KV head after prefill (window included)"}
 
     def validate(self) -> None:
