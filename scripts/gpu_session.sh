@@ -13,6 +13,8 @@
 #                  niah_single on prose at 8K/32K for full and interlayer (delta x proximal window); into $OUT/interlayer
 #   decode         GPU tests of CUDA graphs and batching, then bench generate (4K/32K, per policy, batches 8/32)
 #   profile        scripts/profile_decode.py: where a decode step's time goes, per policy ($POLICIES, space-separated)
+#   tune           GPU kernel + graph tests, scripts/tune_kernels.py (best chunk-kernel launch configurations into
+#                  $OUT/tune.json), then bench kernel under them (KVCASCADE_KERNEL_CONFIG)
 #   prefill        where a 1M prefill's time goes: scripts/profile_decode.py --chunk for prompt chunks at budget 8192
 #                  ($POLICIES), then bench e2e at 1M with chunks of ${CHUNKS:-4096 8192} (graphs on)
 #   kernelcheck    scripts/kernel_check.py: Triton vs reference at every attention call of $MODEL (default Gemma-3-270M),
@@ -176,6 +178,11 @@ for w in sys.argv[1:]:
       $KV bench e2e --lengths 1m --chunk-size $c --full-lengths 32k --new-tokens 256 --out "$OUT/bench_e2e_c$c.json" 2>&1 \
         | grep -E "^\|" || true
     done ;;
+  tune)  # the chunk kernels' launch configurations measured on this GPU (scripts/tune_kernels.py), then bench kernel
+          # under them; the GPU kernel and graph tests first. Later modes use them with KVCASCADE_KERNEL_CONFIG=$OUT/tune.json
+    timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton.py tests/test_cuda_graphs.py 2>&1 | tail -4 || true
+    python3 scripts/tune_kernels.py --out "$OUT/tune.json"
+    KVCASCADE_KERNEL_CONFIG=$OUT/tune.json $KV bench kernel --out "$OUT/bench_kernel.json" 2>&1 | grep -E "^\|" || true ;;
   kernelcheck)
     M=${MODEL:-gemma-3-270m}
     python3 scripts/kernel_check.py --model $M --tokens "${TOKENS:-4096}" --out "$OUT/kernel_check_$M.json"

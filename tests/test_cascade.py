@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from kvcascade import make_policy
 from kvcascade.errors import KVCascadeError
 from kvcascade.cache import AttnStats, CompressedCache
-from kvcascade.policies.cascade import segment_last_argmax
+from kvcascade.policies.cascade import segments_last_first
 
 from .conftest import reference_logits, run_chunks, tiny_model
 
@@ -291,10 +291,14 @@ def test_ema_follows_the_formula():
     assert layer.score[0, 0].tolist() == pytest.approx([0.35, 0.5])
 
 
-def test_segment_last_argmax():
-    scores = torch.tensor([[1.0, 3.0, 3.0, 0.0, 2.0, 2.0]])
-    gid = torch.tensor([0, 0, 0, 1, 2, 2])
-    assert segment_last_argmax(scores, gid, 3).tolist() == [[2, 3, 5]]
+def test_segments_last_first_pick_each_groups_last_maximum():
+    scores = torch.tensor([1.0, 3.0, 3.0, 0.0, 2.0, 2.0, 5.0])
+    gid = torch.tensor([0, 0, 0, 1, 2, 2, 3])
+    seg = segments_last_first(gid, 4)
+    assert seg.tolist() == [[2, 1, 0], [3, 7, 7], [5, 4, 7], [6, 7, 7]]
+    ext = torch.cat([scores, torch.tensor([float("-inf")])])
+    best = seg.gather(1, ext[seg].argmax(1, keepdim=True)).squeeze(1)
+    assert best.tolist() == [2, 3, 5, 6]  # ties go to the later candidate
 
 
 def test_one_cascade_without_selection_is_streaming(arch):

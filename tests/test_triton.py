@@ -40,6 +40,7 @@ def _close(got, want, rel, name):
 
 SHAPES = [  # B, Hq, H, C, n_cached, D
     (1, 4, 2, 16, 0, 16), (1, 4, 1, 33, 20, 32), (2, 6, 2, 50, 37, 64), (1, 2, 2, 17, 100, 64),
+    (1, 6, 2, 64, 48, 16),  # whole blocks of queries and keys: the kernels' unmasked loops (blocks of 16 on the CPU)
 ]
 if HAS_CUDA:
     SHAPES += [(1, 14, 2, 512, 4096, 64), (1, 32, 8, 1000, 3000, 128), (2, 8, 8, 256, 8192, 128),
@@ -333,3 +334,27 @@ def test_cache_edit_kernels_keep_what_the_pytorch_path_keeps(spec, monkeypatch):
     assert tok_a == tok_b
     assert all(torch.equal(a, b) for a, b in zip(pos_a, pos_b))
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(sc_a, sc_b))
+
+
+def test_tuned_launch_configurations_load_and_bad_files_say_so(tmp_path, monkeypatch):
+    import json
+
+    from kvcascade.errors import KVCascadeError
+    from kvcascade.kernels import triton_attention as ta
+
+    monkeypatch.setattr(ta, "FWD_CONFIG", dict(ta.FWD_CONFIG))
+    monkeypatch.setattr(ta, "MASS_CONFIG", dict(ta.MASS_CONFIG))
+    good = tmp_path / "tune.json"
+    good.write_text(json.dumps({"device": "x", "fwd": {"64": [64, 128, 8, 4]}, "mass": {"128": [64, 64, 4, 3]}}))
+    ta.load_configs(str(good))
+    assert ta.FWD_CONFIG[64] == (64, 128, 8, 4) and ta.MASS_CONFIG[128] == (64, 64, 4, 3)
+    before = (dict(ta.FWD_CONFIG), dict(ta.MASS_CONFIG))
+    for text in ("not json", json.dumps({"fwd": {"64": [64, 128]}}), json.dumps({"mass": {"48": [64, 64, 4, 2]}}),
+                 json.dumps({"fwd": {"64": [64, 64, 4, 2]}, "mass": {"64": [64, 0, 4, 2]}}), "[]"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(KVCascadeError, match="KVCASCADE_KERNEL_CONFIG"):
+            ta.load_configs(str(bad))
+        assert (ta.FWD_CONFIG, ta.MASS_CONFIG) == before  # nothing half-applied
+    with pytest.raises(KVCascadeError, match="not launch configurations"):
+        ta.load_configs(str(tmp_path / "missing.json"))

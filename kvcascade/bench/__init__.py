@@ -19,6 +19,7 @@ import torch
 from ..errors import KVCascadeError
 
 LLAMA8B = {"Hq": 32, "H": 8, "D": 128}
+QWEN05B = {"Hq": 14, "H": 2, "D": 64}  # the default model's attention
 
 
 def _need_cuda():
@@ -219,45 +220,49 @@ def bench_attention(lengths=(32768, 131072, 524288, 1048576), caches=(8192, 6553
 
 
 def bench_chunk_kernel(T_cache=(8192, 65536), chunk=4096, out=None) -> list[dict]:
-    """Our chunk kernel vs SDPA on equal work: a chunk of queries over cache + itself (no mass, and with mass)."""
+    """Our chunk kernel vs SDPA on equal work: a chunk of queries over cache + itself (no mass, and with mass), in
+    Llama-3.1-8B's attention shape and the default model's (head dim 64)."""
     _need_cuda()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from ..kernels.triton_attention import chunk_attention
 
-    Hq, H, D = LLAMA8B["Hq"], LLAMA8B["H"], LLAMA8B["D"]
     rows = []
-    for n_cached in T_cache:
-        N = n_cached + chunk
-        q = torch.randn(1, Hq, chunk, D, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn_like(k)
-        flops = 4.0 * chunk * (n_cached + (chunk + 1) / 2) * Hq * D
-        # SDPA cannot express "cache + causal chunk" except with a mask; on equal work we time its causal
-        # square of the same FLOPs: T' with 2 T'^2 Hq D = flops
-        Tsq = int(math.sqrt(flops / (2 * Hq * D)))
-        qs = torch.randn(1, Hq, Tsq, D, device="cuda", dtype=torch.bfloat16)
-        ks, vs = torch.randn_like(qs), torch.randn_like(qs)
-        res = {}
-        for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
-            def run(be=be):
-                with sdpa_kernel([be]):
-                    torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-            try:
-                ms = cuda_time(run, reps=10)
-                res[name] = 2.0 * Tsq * Tsq * Hq * D / ms / 1e9
-            except RuntimeError:
-                res[name] = None
-        for mass in (False, True):
-            ms = cuda_time(lambda: chunk_attention(q, k, v, scaling=D ** -0.5, need_mass=mass), reps=10)
-            tf = flops * (1.5 if mass else 1.0) / ms / 1e9
-            rows.append({"T": N, "method": f"ours chunk {chunk} over cache {n_cached // 1024}K" + (" +mass" if mass else ""),
-                         "ms": ms, "tflops": tf, "sdpa_cudnn_tflops": res["cudnn"], "sdpa_flash_tflops": res["flash"],
-                         "vs_cudnn_tflops": tf / res["cudnn"] if res["cudnn"] else None,
-                         "speedup_vs_cudnn": None})
-    meta = {"device": device_name(), "shape": "Llama-3.1-8B attention, bf16; SDPA timed on a causal square of equal FLOPs"}
-    print_table(rows, ["T", "method", "ms", "tflops", "sdpa_cudnn_tflops", "sdpa_flash_tflops", "vs_cudnn_tflops"],
-                f"bench kernel: chunk attention TFLOP/s vs SDPA ({meta['device']})")
+    for shape_name, shape in (("Llama-3.1-8B", LLAMA8B), ("Qwen2.5-0.5B", QWEN05B)):
+        Hq, H, D = shape["Hq"], shape["H"], shape["D"]
+        for n_cached in T_cache:
+            N = n_cached + chunk
+            q = torch.randn(1, Hq, chunk, D, device="cuda", dtype=torch.bfloat16)
+            k = torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            flops = 4.0 * chunk * (n_cached + (chunk + 1) / 2) * Hq * D
+            # SDPA cannot express "cache + causal chunk" except with a mask; on equal work we time its causal
+            # square of the same FLOPs: T' with 2 T'^2 Hq D = flops
+            Tsq = int(math.sqrt(flops / (2 * Hq * D)))
+            qs = torch.randn(1, Hq, Tsq, D, device="cuda", dtype=torch.bfloat16)
+            ks, vs = torch.randn_like(qs), torch.randn_like(qs)
+            res = {}
+            for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+                def run(be=be):
+                    with sdpa_kernel([be]):
+                        torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+                try:
+                    ms = cuda_time(run, reps=10)
+                    res[name] = 2.0 * Tsq * Tsq * Hq * D / ms / 1e9
+                except RuntimeError:
+                    res[name] = None
+            for mass in (False, True):
+                ms = cuda_time(lambda: chunk_attention(q, k, v, scaling=D ** -0.5, need_mass=mass), reps=10)
+                tf = flops * (1.5 if mass else 1.0) / ms / 1e9
+                rows.append({"T": N, "shape": shape_name,
+                             "method": f"ours chunk {chunk} over cache {n_cached // 1024}K" + (" +mass" if mass else ""),
+                             "ms": ms, "tflops": tf, "sdpa_cudnn_tflops": res["cudnn"],
+                             "sdpa_flash_tflops": res["flash"],
+                             "vs_cudnn_tflops": tf / res["cudnn"] if res["cudnn"] else None, "speedup_vs_cudnn": None})
+    meta = {"device": device_name(), "shape": "Llama-3.1-8B (32/8 heads, dim 128) and Qwen2.5-0.5B (14/2, dim 64) "
+                                              "attention, bf16, batch 1; SDPA timed on a causal square of equal FLOPs"}
+    print_table(rows, ["T", "shape", "method", "ms", "tflops", "sdpa_cudnn_tflops", "sdpa_flash_tflops",
+                       "vs_cudnn_tflops"], f"bench kernel: chunk attention TFLOP/s vs SDPA ({meta['device']})")
     write_json(rows, out, meta)
     return rows
 

@@ -21,7 +21,9 @@ The plain-PyTorch twin is :func:`kvcascade.kernels.reference.attention_with_scor
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 
 import torch
 import triton
@@ -66,6 +68,18 @@ def _online_softmax_step(s, v, m_i, l_i, acc):
 
 
 @triton.jit
+def _softmax_state(ROWS: tl.constexpr, D: tl.constexpr):
+    """An online softmax's empty state for ``ROWS`` query rows: running max, running sum, output accumulator."""
+    return tl.full([ROWS], float("-inf"), tl.float32), tl.zeros([ROWS], tl.float32), tl.zeros([ROWS, D], tl.float32)
+
+
+@triton.jit
+def _normalised(acc, l_i):
+    """The accumulator over its softmax sum (rows that saw no key stay 0)."""
+    return acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+
+
+@triton.jit
 def _query_rows(Hq, group, BLOCK_M: tl.constexpr, D: tl.constexpr):
     """A forward program's batch row, query head, KV head, query offsets and dim offsets (grid: query blocks x
     batch * query heads)."""
@@ -88,51 +102,88 @@ def _fwd_kernel(Q, K, V, O, LSE, KPOS,
     kbase = K + b * skb + h * skh
     vbase = V + b * svb + h * svh
     kpos = KPOS + b * skpb + h * skph
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # stage 1: keys every query of this block sees (cache + chunk keys before the block); stage 2: the diagonal
-    full_hi = n_cached + pid_m * BLOCK_M
+    m_i, l_i, acc = _softmax_state(BLOCK_M, D)
+    # whole key blocks that every query of this block sees (cached keys and chunk keys before the block) run
+    # without masks; the blocks after them (the diagonal, and with a window every block) run masked
+    bulk = 0
+    if not HAS_WINDOW:
+        bulk = (n_cached + pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
     hi = n_cached + (pid_m + 1) * BLOCK_M  # may pass N on the last block: loads and masks stop at N
-    for stage in tl.static_range(2):
-        if stage == 0:
-            lo, up = 0, full_hi
-        else:
-            lo, up = (full_hi // BLOCK_N) * BLOCK_N, hi
-        for start in range(lo, up, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            k = tl.load(kbase + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < N, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            if stage == 0:
-                ok = offs_n[None, :] < full_hi
-                if HAS_WINDOW:
-                    kp = tl.load(kpos + offs_n, mask=offs_n < N, other=0)
-                    ok = ok & ((qpos0 + offs_m[:, None] - kp[None, :]) < window)
-            else:
-                ok = (offs_n[None, :] >= full_hi) & _visible(offs_m, offs_n, N, n_cached, qpos0, window, kpos,
-                                                              HAS_WINDOW)
-            s = tl.where(ok, s, float("-inf"))
-            v = tl.load(vbase + offs_n[:, None] * svn + offs_d[None, :], mask=offs_n[:, None] < N, other=0.0)
-            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    tl.store(O + b * sob + hq * soh + offs_m[:, None] * soc + offs_d[None, :], out.to(O.dtype.element_ty),
+    for start in range(0, bulk, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = tl.load(kbase + offs_n[:, None] * skn + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k))
+        v = tl.load(vbase + offs_n[:, None] * svn + offs_d[None, :])
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)  # finite: no logit here is masked
+        p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # (accumulates in place)
+        m_i = m_new
+    for start in range(bulk, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = tl.load(kbase + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < N, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.where(_visible(offs_m, offs_n, N, n_cached, qpos0, window, kpos, HAS_WINDOW), s, float("-inf"))
+        v = tl.load(vbase + offs_n[:, None] * svn + offs_d[None, :], mask=offs_n[:, None] < N, other=0.0)
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+    tl.store(O + b * sob + hq * soh + offs_m[:, None] * soc + offs_d[None, :], _normalised(acc, l_i).to(O.dtype.element_ty),
              mask=offs_m[:, None] < C)
-    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))  # log2 domain
+    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))  # log2 domain
     tl.store(LSE + b * slb + hq * slh + offs_m, lse, mask=offs_m < C)
 
 
 @triton.jit
+def _mass_block(qbase, sqc, lbase, WQ, k, offs_n, ms, mass, obs, C, N, n_cached, scale_log2, qpos0, window, kpos,
+                obs_start, MASKED: tl.constexpr, HAS_W: tl.constexpr, HAS_MASS: tl.constexpr, HAS_OBS: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, D: tl.constexpr):
+    """Queries ``ms .. ms + BLOCK_M`` against the program's keys ``k`` ``[BLOCK_N, D]``, transposed (a key per row,
+    so a sum over queries is a row sum, as in the forward): new ``(mass, obs)``. ``MASKED``: rows past ``C`` and
+    keys a query cannot see are left out; unmasked blocks are ones where every query sees every key."""
+    offs_m = ms + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    if MASKED:
+        q = tl.load(qbase + offs_m[:, None] * sqc + offs_d[None, :], mask=offs_m[:, None] < C, other=0.0)
+        lse = tl.load(lbase + offs_m, mask=offs_m < C, other=float("inf"))
+    else:
+        q = tl.load(qbase + offs_m[:, None] * sqc + offs_d[None, :])
+        lse = tl.load(lbase + offs_m)
+    s = tl.dot(k, tl.trans(q)) * scale_log2  # [BLOCK_N, BLOCK_M]
+    p = tl.math.exp2(s - lse[None, :])
+    if MASKED:
+        ok = (offs_m[None, :] < C) & ((offs_n[:, None] < n_cached) | ((offs_n[:, None] - n_cached) <= offs_m[None, :]))
+        if HAS_WINDOW:
+            kp = tl.load(kpos + offs_n, mask=offs_n < N, other=0)
+            ok = ok & ((qpos0 + offs_m[None, :] - kp[:, None]) < window)
+        p = tl.where(ok, p, 0.0)
+    if HAS_MASS:
+        if HAS_W:
+            if MASKED:
+                w = tl.load(WQ + offs_m, mask=offs_m < C, other=0.0)
+            else:
+                w = tl.load(WQ + offs_m)
+            mass += tl.sum(p * w[None, :], 1)
+        else:
+            mass += tl.sum(p, 1)
+    if HAS_OBS:
+        obs += tl.sum(tl.where(offs_m[None, :] >= obs_start, p, 0.0), 1)
+    return mass, obs
+
+
+@triton.jit
 def _mass_kernel(Q, K, LSE, WQ, MASS, OBS, KPOS,
-                 sqb, sqh, sqc, skb, skh, skn, slb, slh, smb, smh, skpb, skph,
-                 H, C, N, n_cached, group, scale_log2, QP, window, obs_start,
+                 sqb, sqh, sqc, skb, skh, skn, slb, slh, smg, smb, smh, skpb, skph,
+                 H, C, N, n_cached, group, heads_per, scale_log2, QP, window, obs_start,
                  HAS_W: tl.constexpr, HAS_MASS: tl.constexpr, HAS_OBS: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Grid: key blocks x batch * KV heads x slices of the group's query heads (``heads_per`` each; with more than
+    one slice each writes its own partial sums, at ``smg`` apart, added after)."""
     qpos0 = 0
     if HAS_WINDOW:
         qpos0 = tl.load(QP)
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
+    pid_g = tl.program_id(2)
     b = bh // H
     h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,7 +192,7 @@ def _mass_kernel(Q, K, LSE, WQ, MASS, OBS, KPOS,
     kpos = KPOS + b * skpb + h * skph
     mass = tl.zeros([BLOCK_N], tl.float32)
     obs = tl.zeros([BLOCK_N], tl.float32)
-    # queries before the block's first chunk key cannot see it
+    # queries before the block's first chunk key cannot see it; from m_full on every query sees all of its keys
     m_lo = pid_n * BLOCK_N - n_cached
     if m_lo < 0:
         m_lo = 0
@@ -149,28 +200,42 @@ def _mass_kernel(Q, K, LSE, WQ, MASS, OBS, KPOS,
         if m_lo < obs_start:
             m_lo = obs_start
     m_lo = m_lo // BLOCK_M * BLOCK_M
-    for g in range(group):
+    m_full = pid_n * BLOCK_N + BLOCK_N - 1 - n_cached  # the block's last key, as a chunk index
+    if m_full < 0:
+        m_full = 0
+    m_full = (m_full + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    if m_full < m_lo:
+        m_full = m_lo
+    c_full = C // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:  # a window can hide any key from any query: every block masked
+        c_full = m_full
+    if c_full < m_full:
+        c_full = m_full
+    g_lo = pid_g * heads_per
+    g_hi = g_lo + heads_per
+    if g_hi > group:
+        g_hi = group
+    for g in range(g_lo, g_hi):
         hq = h * group + g
-        for ms in range(m_lo, C, BLOCK_M):
-            offs_m = ms + tl.arange(0, BLOCK_M)
-            q = tl.load(Q + b * sqb + hq * sqh + offs_m[:, None] * sqc + offs_d[None, :], mask=offs_m[:, None] < C,
-                        other=0.0)
-            lse = tl.load(LSE + b * slb + hq * slh + offs_m, mask=offs_m < C, other=float("inf"))
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            ok = _visible(offs_m, offs_n, N, n_cached, qpos0, window, kpos, HAS_WINDOW) & (offs_m[:, None] < C)
-            p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)
-            if HAS_MASS:
-                if HAS_W:
-                    w = tl.load(WQ + offs_m, mask=offs_m < C, other=0.0)
-                    mass += tl.sum(p * w[:, None], 0)
-                else:
-                    mass += tl.sum(p, 0)
-            if HAS_OBS:
-                obs += tl.sum(tl.where(offs_m[:, None] >= obs_start, p, 0.0), 0)
+        qbase = Q + b * sqb + hq * sqh
+        lbase = LSE + b * slb + hq * slh
+        for ms in range(m_lo, m_full, BLOCK_M):
+            mass, obs = _mass_block(qbase, sqc, lbase, WQ, k, offs_n, ms, mass, obs, C, N, n_cached, scale_log2,
+                                    qpos0, window, kpos, obs_start, True, HAS_W, HAS_MASS, HAS_OBS, HAS_WINDOW,
+                                    BLOCK_M, D)
+        for ms in range(m_full, c_full, BLOCK_M):
+            mass, obs = _mass_block(qbase, sqc, lbase, WQ, k, offs_n, ms, mass, obs, C, N, n_cached, scale_log2,
+                                    qpos0, window, kpos, obs_start, False, HAS_W, HAS_MASS, HAS_OBS, HAS_WINDOW,
+                                    BLOCK_M, D)
+        for ms in range(c_full, C, BLOCK_M):
+            mass, obs = _mass_block(qbase, sqc, lbase, WQ, k, offs_n, ms, mass, obs, C, N, n_cached, scale_log2,
+                                    qpos0, window, kpos, obs_start, True, HAS_W, HAS_MASS, HAS_OBS, HAS_WINDOW,
+                                    BLOCK_M, D)
+    out = b * smb + h * smh + pid_g * smg + offs_n
     if HAS_MASS:
-        tl.store(MASS + b * smb + h * smh + offs_n, mass, mask=offs_n < N)
+        tl.store(MASS + out, mass, mask=offs_n < N)
     if HAS_OBS:
-        tl.store(OBS + b * smb + h * smh + offs_n, obs, mask=offs_n < N)
+        tl.store(OBS + out, obs, mask=offs_n < N)
 
 
 @_jit
@@ -196,9 +261,7 @@ def _decode_kernel(Q, K, V, KPOS, OP, MP, LP, SC,
     kbase = K + b * skb + h * skh
     vbase = V + b * svb + h * svh
     kpos = KPOS + b * skpb + h * skph
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    m_i, l_i, acc = _softmax_state(BLOCK_G, D)
     lo = pid_s * split
     up = lo + split
     for start in range(lo, up, BLOCK_N):
@@ -309,8 +372,6 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -319,6 +380,34 @@ FWD_CONFIG = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}  # BLOCK_M, BLOCK_N, nu
 MASS_CONFIG = {64: (128, 64, 4, 2), 128: (128, 64, 4, 2)}
 DECODE_CONFIG = {64: (128, 4, 3), 128: (128, 4, 3)}  # BLOCK_N, num_warps, num_stages
 DECODE_PROGRAMS_PER_SM = 8
+
+
+def load_configs(path: str) -> None:
+    """Puts the chunk kernels' launch configurations written by ``scripts/tune_kernels.py --out`` (best forward and
+    mass configuration per head dim, measured on the GPU at hand) over the defaults above. Read at import from the
+    file named by ``KVCASCADE_KERNEL_CONFIG``, where set."""
+    from ..errors import KVCascadeError
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        tables = []
+        for name, table in (("fwd", FWD_CONFIG), ("mass", MASS_CONFIG)):
+            for d, cfg in data.get(name, {}).items():
+                cfg = tuple(int(x) for x in cfg)
+                if len(cfg) != 4 or int(d) not in (16, 32, 64, 128, 256) or min(cfg) < 1:
+                    raise ValueError(f"{name} {d}: {list(cfg)} is not [BLOCK_M, BLOCK_N, num_warps, num_stages] for a "
+                                     "head dim the kernels run")
+                tables.append((table, int(d), cfg))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise KVCascadeError(f"KVCASCADE_KERNEL_CONFIG={path}: not launch configurations from "
+                             f"scripts/tune_kernels.py --out ({e})") from None
+    for table, d, cfg in tables:
+        table[d] = cfg
+
+
+if os.environ.get("KVCASCADE_KERNEL_CONFIG"):
+    load_configs(os.environ["KVCASCADE_KERNEL_CONFIG"])
 
 
 def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, obs_window: int = 0,
@@ -350,21 +439,32 @@ def chunk_attention(q, k, v, *, scaling, q_orig=None, k_orig=None, window=None, 
     obs_w = min(int(obs_window), C) if obs_window else 0
     if not need_mass and not obs_w:
         return out, None, None
-    mass = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if need_mass else None
-    obs = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if obs_w else None
-    wq = q_weights.float().contiguous() if (need_mass and q_weights is not None) else lse  # dummy when unused
-    ref = mass if mass is not None else obs
     mbm, mbn, mw, ms_ = mass_config or MASS_CONFIG.get(D, (64, 64, 4, 2))
     BM2 = 16 if interp else mbm
     BN2 = 16 if interp else mbn
-    grid2 = (triton.cdiv(N, BN2), B * H)
+    # the group's query heads split over programs when key blocks alone would leave SMs idle (each slice writes
+    # partial sums, added in a fixed order: no atomics, the same result every run)
+    if interp:  # (the CPU tests: two slices, the second one shorter when the group is odd)
+        heads_per = triton.cdiv(group, 2)
+    else:
+        want = triton.cdiv(8 * _sm_count(q.device.index or 0), triton.cdiv(N, BN2) * B * H)
+        heads_per = triton.cdiv(group, min(group, want))
+    slices = triton.cdiv(group, heads_per)
+    mass = torch.empty(slices, B, H, N, dtype=torch.float32, device=q.device) if need_mass else None
+    obs = torch.empty(slices, B, H, N, dtype=torch.float32, device=q.device) if obs_w else None
+    wq = q_weights.float().contiguous() if (need_mass and q_weights is not None) else lse  # dummy when unused
+    ref = mass if mass is not None else obs
+    grid2 = (triton.cdiv(N, BN2), B * H, slices)
     _mass_kernel[grid2](q, k, lse, wq, mass if mass is not None else ref, obs if obs is not None else ref, kp,
                         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                        lse.stride(0), lse.stride(1), ref.stride(0), ref.stride(1), kp.stride(0), kp.stride(1),
-                        H, C, N, n_cached, group, scale_log2, qp, win, C - obs_w,
+                        lse.stride(0), lse.stride(1), ref.stride(0), ref.stride(1), ref.stride(2),
+                        kp.stride(0), kp.stride(1),
+                        H, C, N, n_cached, group, heads_per, scale_log2, qp, win, C - obs_w,
                         HAS_W=need_mass and q_weights is not None, HAS_MASS=need_mass, HAS_OBS=bool(obs_w),
                         HAS_WINDOW=has_window, BLOCK_M=BM2, BLOCK_N=BN2, D=D,
                         **({} if interp else {"num_warps": mw, "num_stages": ms_}))
+    mass = None if mass is None else (mass[0] if slices == 1 else mass.sum(0))
+    obs = None if obs is None else (obs[0] if slices == 1 else obs.sum(0))
     return out, mass, obs
 
 
@@ -446,9 +546,7 @@ def _shared_fwd_kernel(Q, QB, K, KB, V, O, QPOS, KPOS,
     bbase = KB + b * sbb + h * sbh
     vbase = V + b * svb + h * svh
     pbase = KPOS + b * spb + h * sph
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m_i, l_i, acc = _softmax_state(BLOCK_M, D)
     hi = tl.minimum(N, n_cached + (pid_m + 1) * BLOCK_M)  # the chunk's keys are the last C: none later is seen
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -468,9 +566,8 @@ def _shared_fwd_kernel(Q, QB, K, KB, V, O, QPOS, KPOS,
             s = tl.where(own_ok, tl.dot(q, tl.trans(k)) * scale_log2, s)
         v = tl.load(vbase + offs_n[:, None] * svn + offs_d[None, :], mask=nmask[:, None], other=0.0)
         m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    tl.store(O + b * sob + hq * soh + offs_m[:, None] * soc + offs_d[None, :], out.to(O.dtype.element_ty), mask=rmask)
+    tl.store(O + b * sob + hq * soh + offs_m[:, None] * soc + offs_d[None, :], _normalised(acc, l_i).to(O.dtype.element_ty),
+             mask=rmask)
 
 
 SHARED_CONFIG = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}  # BLOCK_M, BLOCK_N, num_warps, num_stages

@@ -67,18 +67,15 @@ from .base import Policy, register
 from .share import SHARE_DOCS, SHARE_PARAMS, ShareParam
 
 
-def segment_last_argmax(scores: torch.Tensor, gid: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """For rows of ``scores`` ``[R, m]`` and group ids ``gid`` ``[m]`` (0..n_groups-1, non-decreasing),
-    the position (0..m-1) of the last maximum in each group: ``[R, n_groups]``."""
-    R, m = scores.shape
-    g = gid.view(1, m).expand(R, m)
-    gmax = torch.full((R, n_groups), float("-inf"), device=scores.device, dtype=scores.dtype)
-    gmax = gmax.scatter_reduce(1, g, scores, reduce="amax", include_self=True)
-    is_max = scores >= gmax.gather(1, g)
-    pos = torch.arange(m, device=scores.device).view(1, m).expand(R, m)
-    cand = torch.where(is_max, pos, torch.full_like(pos, -1))
-    out = torch.full((R, n_groups), -1, device=scores.device, dtype=torch.long)
-    return out.scatter_reduce(1, g, cand, reduce="amax", include_self=True)
+def segments_last_first(gid: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """For group ids ``gid`` ``[m]`` (0..n_groups-1, non-decreasing; a host tensor), each group's positions, last
+    first, padded with ``m``: ``[n_groups, longest group]``. Scores gathered through it (the pad scoring -inf) and
+    reduced with ``argmax`` (the first maximum) give each group's *last* maximum: the newer candidate wins a tie."""
+    m = gid.numel()
+    counts = torch.bincount(gid, minlength=n_groups)
+    j = torch.arange(int(counts.max()) if m else 0)
+    seg = counts.cumsum(0).view(-1, 1) - 1 - j.view(1, -1)
+    return torch.where(j.view(1, -1) < counts.view(-1, 1), seg, torch.full_like(seg, m))
 
 
 @register
@@ -213,13 +210,20 @@ class Cascade(ShareParam, Policy):
         consts = self.__dict__.setdefault("_consts", {})
         # a prompt chunk's schedule (thousands of entries) is keyed by its bytes: chunks at the budget repeat it, and
         # a chunk replayed as a CUDA graph copies nothing either
-        key = (str(dev), tuple(t.tolist()) if t.numel() <= 64 else (t.dtype, t.numel(), t.numpy().tobytes()))
+        key = (str(dev), (tuple(t.shape), tuple(t.flatten().tolist())) if t.numel() <= 64
+               else (t.dtype, tuple(t.shape), t.numpy().tobytes()))
         baked(key[1])
         if key not in consts:
             if len(consts) >= 4096:  # never dropped (a captured graph may read one): beyond this, copied each time
                 return t.to(dev, non_blocking=True)  # (inside a capture that fails it, and the step runs eagerly)
             consts[key] = t.to(dev)
         return consts[key]
+
+    def _arange(self, start: int, n: int, step: int, dev) -> torch.Tensor:
+        """``start + step * arange(n)`` as a device constant (:meth:`_on_device`)."""
+        with host_only():
+            t = start + step * torch.arange(n)
+        return self._on_device(t, dev)
 
     def validate(self) -> None:
         super().validate()
@@ -360,7 +364,11 @@ class Cascade(ShareParam, Policy):
         # The slot schedule (which cascade is due at which arrival time, what gets created or evicted) depends
         # only on integers the host knows, so it is computed on the CPU; only the winners of each competition
         # are picked on the device. No host synchronisation.
-        offers = (r0 + b * torch.arange(n_blocks, device=dev)).view(1, -1).expand(R, -1)
+        offers = self._arange(r0, n_blocks, b, dev).view(1, -1).expand(R, -1)
+        # a competition's candidates are gathered through each group's positions, last first; a pad column scoring
+        # -inf fills the shorter groups (index len(row_scores), appended to the candidates)
+        pad = self._arange(row_scores.shape[1], 1, 1, dev).view(1, 1).expand(R, 1)
+        row_ext = torch.nn.functional.pad(row_scores, (0, 1), value=float("-inf")) if self.rule == "ema" else None
         t0 = layer.seen - (n - r0) - S  # arrival index (after the sinks) of the token at r0; a multiple of b
         with host_only():
             times = t0 // b + torch.arange(n_blocks)  # CPU
@@ -372,7 +380,7 @@ class Cascade(ShareParam, Policy):
         kept: list[torch.Tensor] = [None] * C
         for i in range(C):
             k = counts[i]
-            existing = (starts[i] + b * torch.arange(k, device=dev)).view(1, -1).expand(R, -1)
+            existing = self._arange(starts[i], k, b, dev).view(1, -1).expand(R, -1)
             m = offers.shape[1]
             if m == 0:
                 kept[i] = existing
@@ -390,17 +398,21 @@ class Cascade(ShareParam, Policy):
                 cgid = torch.cat([torch.full((1,), -1, dtype=torch.long), gid]) + 1 if merge else gid
                 n_groups = n_new + 1 if merge else n_new
                 create_times = times[creates]
-            cand = torch.cat([existing[:, -1:], offers], dim=1) if merge else offers
-            cgid = self._on_device(cgid, dev)
-            if self.rule == "ema":
-                pick = segment_last_argmax(row_scores.gather(1, cand), cgid, n_groups)
+                seg = segments_last_first(cgid, n_groups) if self.rule == "ema" else None
+            cand = torch.cat([existing[:, -1:], offers, pad] if merge else [offers, pad], dim=1)  # [R, m + 1]
+            if self.rule == "ema":  # each group's last candidate with the highest score (the newer wins ties)
+                seg = self._on_device(seg, dev)
+                cand_seg = cand.gather(1, seg.view(1, -1).expand(R, -1)).view(R, n_groups, -1)
+                best = row_ext.gather(1, cand_seg.view(R, -1)).view(cand_seg.shape).argmax(-1, keepdim=True)
+                winners = cand_seg.gather(-1, best).squeeze(-1)
+                if self.recenter:
+                    pick = seg.expand(R, -1, -1).gather(-1, best).squeeze(-1)
+                    winners = self._recenter(cand[:, :-1], self._on_device(cgid, dev), pick, winners, rc)
             else:  # v1: the token that opened the group (or the incumbent) keeps the slot
-                first = torch.zeros(n_groups, dtype=torch.long, device=dev).scatter_reduce(
-                    0, cgid, torch.arange(cand.shape[1], device=dev), reduce="amin", include_self=False)
-                pick = first.view(1, -1).expand(R, -1)
-            winners = cand.gather(1, pick)
-            if self.recenter:
-                winners = self._recenter(cand, cgid, pick, winners, rc)
+                with host_only():
+                    first = torch.zeros(n_groups, dtype=torch.long).scatter_reduce(
+                        0, cgid, torch.arange(cgid.numel()), reduce="amin", include_self=False)
+                winners = cand.gather(1, self._on_device(first, dev).view(1, -1).expand(R, -1))
             slots = torch.cat([existing[:, :-1] if merge else existing, winners], dim=1)
             total = slots.shape[1]
             if total > W:
@@ -415,16 +427,13 @@ class Cascade(ShareParam, Policy):
                     times = times[:0]
             kept[i] = slots
             counts[i] = slots.shape[1]
-        sink_idx = torch.cat([torch.arange(n_sink_before, device=dev),
-                              torch.arange(stride_start, stride_start + new_sinks, device=dev)]).view(1, -1)
-        parts = [sink_idx.expand(R, -1)]
-        for i in reversed(range(C)):
-            units = kept[i]
-            if b > 1:
-                units = (units.unsqueeze(-1) + torch.arange(b, device=dev)).reshape(R, -1)
-            parts.append(units)
-        parts.append(torch.arange(n - new_pending, n, device=dev).view(1, -1).expand(R, -1))
-        idx = torch.cat(parts, dim=1)
+        with host_only():
+            sink_idx = torch.cat([torch.arange(n_sink_before), torch.arange(stride_start, stride_start + new_sinks)])
+        units = [kept[i] for i in reversed(range(C))]
+        if b > 1:  # every kept unit's b tokens, in one operation
+            units = [(torch.cat(units, dim=1).unsqueeze(-1) + self._arange(0, b, 1, dev)).reshape(R, -1)]
+        idx = torch.cat([self._on_device(sink_idx, dev).view(1, -1).expand(R, -1), *units,
+                         self._arange(n - new_pending, new_pending, 1, dev).view(1, -1).expand(R, -1)], dim=1)
         B, H = layer.keys.shape[:2]
         idx = idx.view(B, 1, -1).expand(B, H, -1) if self.head_reduction == "mean" else idx.view(B, H, -1)
         if idx.shape[-1] != n:  # nothing dropped means every token kept in its place: the order is by arrival
