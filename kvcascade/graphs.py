@@ -149,15 +149,15 @@ class DecodeGraphs:
 
     # -- steps ---------------------------------------------------------------------------------------------
     def _eager(self, toks) -> torch.Tensor:
-        if isinstance(toks, torch.Tensor):  # a prompt chunk, on the device already (not counted)
+        if isinstance(toks, torch.Tensor) and toks.dim() == 2:  # a prompt chunk, on the device already (not counted)
             inp = toks
         else:
             self.eager += 1
-            inp = torch.tensor(toks, device=self.model.device).view(-1, 1)
+            inp = (toks if isinstance(toks, torch.Tensor) else torch.tensor(toks, device=self.model.device)).view(-1, 1)
         return self.cache.forward(self.model, inp, logits_to_keep=1).logits[:, -1]
 
     def _fill(self, toks) -> torch.Tensor:
-        if isinstance(toks, torch.Tensor):  # a prompt chunk [1, C], already on the device
+        if isinstance(toks, torch.Tensor) and toks.dim() == 2:  # a prompt chunk [1, C], already on the device
             shape = tuple(toks.shape)
             if shape not in self.tok:
                 self.tok[shape] = torch.zeros(shape, dtype=torch.long, device=self.model.device)
@@ -166,7 +166,9 @@ class DecodeGraphs:
         if rows not in self.tok:
             self.tok[rows] = torch.zeros(rows, 1, dtype=torch.long, device=self.model.device)
         buf = self.tok[rows]
-        if rows == 1:
+        if isinstance(toks, torch.Tensor):  # tokens on the device: the graphs read them from the same buffer
+            buf.copy_(toks.view(rows, 1))
+        elif rows == 1:
             buf.fill_(toks[0])
         else:
             buf.copy_(torch.tensor(toks).view(rows, 1), non_blocking=False)
@@ -186,8 +188,15 @@ class DecodeGraphs:
         logits = self._step(toks)
         return logits[0] if isinstance(tok, int) else logits
 
+    def step_device(self, tok: torch.Tensor) -> torch.Tensor:
+        """Decode one token per row given on the device (``tok``: ``[rows]`` or ``[rows, 1]`` int64, e.g. the argmax
+        of the last logits, which the host has not read): the next logits, ``[rows, vocab]``. Nothing waits for the
+        device, so the host can read the token while this step runs."""
+        return self._step(tok.reshape(-1))
+
     def _step(self, toks) -> torch.Tensor:
-        chunk = toks.shape[1] if isinstance(toks, torch.Tensor) else 1
+        # toks: a list of ints (one per row), a device tensor [rows] of them, or a prompt chunk [1, C] on the device
+        chunk = toks.shape[1] if isinstance(toks, torch.Tensor) and toks.dim() == 2 else 1
         self.cache.policy.before_step(self.cache, chunk)  # (outside any graph: host numbers to device memory)
         key = self._key(chunk) if self.enabled else None
         if key is not None:

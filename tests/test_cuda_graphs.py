@@ -74,10 +74,10 @@ ROPED = [("streaming", {"budget": 24}), ("cascade", {"budget": 32}), ("cascade",
          ("locret", {"budget": 24, "stabilizers": 8, "local": 2, "decode_window": 40, "heads": "random"})]
 
 
-def _forced(model, spec, monkeypatch, tokens):
-    """Prefill, then decode feeding ``tokens`` (not the model's picks), graphs on: the logits before each token and
-    after the last, ``[len(tokens) + 1, vocab]`` fp32, and every layer's kept positions."""
-    monkeypatch.setenv("KVCASCADE_CUDA_GRAPHS", "1")
+def _forced(model, spec, monkeypatch, tokens, graphs=True):
+    """Prefill, then decode feeding ``tokens`` (not the model's picks): the logits before each token and after the
+    last, ``[len(tokens) + 1, vocab]`` fp32, and every layer's kept positions."""
+    monkeypatch.setenv("KVCASCADE_CUDA_GRAPHS", "1" if graphs else "0")
     name, args = spec
     ids = torch.randint(0, 96, (150,), generator=torch.Generator().manual_seed(1)).tolist()
     s = Session(model, _Tok(), ids, make_policy(name, **args), max_new_tokens=len(tokens) + 1, chunk_size=32,
@@ -94,28 +94,67 @@ def _forced(model, spec, monkeypatch, tokens):
         s.close()
 
 
+ROPE_TOL = 1.5e-2  # of the largest logit: see test_the_rotation_tolerance_tells_a_wrong_rotation
+
+
+def _rope_model(device):
+    """The tiny bf16 model with its query and key projections scaled 3x: attention peaked enough that a key rotated
+    to the wrong position moves the logits well past ROPE_TOL (unscaled, it moves them by one bf16 step)."""
+    model = tiny_model("qwen2", layers=3).to(device, torch.bfloat16)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(3)
+            layer.self_attn.k_proj.weight.mul_(3)
+    return model
+
+
 @cuda
 @pytest.mark.parametrize("spec", ROPED, ids=[f"{s[0]}{i}" for i, s in enumerate(ROPED)])
 def test_fused_rotation_keeps_what_the_pytorch_path_keeps(spec, monkeypatch):
     """Policies with in-cache positions rotate every stored key at every step: one Triton kernel (rope_keys, padded
     steps and prompt chunks too) instead of apply_rope / unapply_rope. The two round a key differently by at most one
     bf16 step, so greedy tokens may part at a near-tie (an H200 run did at step 13): both decode the same given tokens
-    here, and keep the same tokens with logits equal within bf16 rounding."""
+    here, and keep the same tokens with logits within ROPE_TOL."""
     import kvcascade.cache as cache_mod
 
-    model = tiny_model("qwen2", layers=3).to("cuda", torch.bfloat16)
+    model = _rope_model("cuda")
     tokens = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     fused, pos_f = _forced(model, spec, monkeypatch, tokens)
     monkeypatch.setattr(cache_mod, "_fused_rope", lambda layer, keys: False)
     plain, pos_p = _forced(model, spec, monkeypatch, tokens)
     assert all(torch.equal(a, b) for a, b in zip(pos_f, pos_p))
     err = (fused - plain).abs().max().item()
-    assert err <= 3e-2 * plain.abs().max().item(), err
-    # and a rotation one position off is far outside it (the tolerance can tell a wrong rotation)
+    assert err <= ROPE_TOL * plain.abs().max().item(), err
+
+
+@pytest.mark.parametrize("spec", ROPED, ids=[f"{s[0]}{i}" for i, s in enumerate(ROPED)])
+def test_the_rotation_tolerance_tells_a_wrong_rotation(spec, monkeypatch):
+    """ROPE_TOL's two sides, on the PyTorch path (any device): every rotated key rounded one bf16 step off at random
+    (more than the Triton kernel ever differs) stays inside it with the same tokens kept; keys rotated one position
+    off land outside it."""
+    import kvcascade.cache as cache_mod
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _rope_model(dev)
+    tokens = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    monkeypatch.setattr(cache_mod, "_fused_rope", lambda layer, keys: False)
+    plain, pos = _forced(model, spec, monkeypatch, tokens, graphs=False)  # (the noise below is drawn on the host)
     rope = cache_mod.apply_rope
+    g = torch.Generator().manual_seed(0)
+
+    def one_step_off(x, cos, sin):
+        y = rope(x, cos, sin)
+        step = (torch.randint(0, 3, y.shape, generator=g) - 1).to(y.device)
+        return (y.float() * (1 + 2.0 ** -8 * step)).to(y.dtype)
+
+    monkeypatch.setattr(cache_mod, "apply_rope", one_step_off)
+    rounded, pos_r = _forced(model, spec, monkeypatch, tokens, graphs=False)
     monkeypatch.setattr(cache_mod, "apply_rope", lambda x, cos, sin: rope(x, cos.roll(1, -2), sin.roll(1, -2)))
-    wrong, _ = _forced(model, spec, monkeypatch, tokens)
-    assert (wrong - plain).abs().max().item() > 3e-2 * plain.abs().max().item()
+    wrong, _ = _forced(model, spec, monkeypatch, tokens, graphs=False)
+    scale = plain.abs().max().item()
+    assert all(torch.equal(a, b) for a, b in zip(pos, pos_r))
+    assert (rounded - plain).abs().max().item() <= ROPE_TOL * scale
+    assert (wrong - plain).abs().max().item() > ROPE_TOL * scale
 
 
 PREFILL = BOUNDED + [("cascade", {"budget": 32}), ("cascade", {"budget": 48, "block": 4, "cascades": 2})]

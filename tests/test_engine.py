@@ -289,3 +289,37 @@ def test_rotary_tables_equal_the_models_rotary_and_are_made_once(arch):
     cos, _ = cache._rope_at(layer, layer.capacity - 2, 5, like)  # past the capacity: computed, not kept
     assert cos.shape[1] == 5 and len(cache._rope_memo) == 1
     cache.release()
+
+
+@pytest.mark.parametrize("policy,budget", [("full", None), ("streaming", 6), ("cascade", 10)])
+def test_greedy_decoding_run_ahead_gives_what_step_by_step_gives(tiny_model_dir, policy, budget):
+    """Session._step_ahead (greedy on a GPU: the next step is launched with the token still on the device) against
+    the step that reads the token first: the same tokens, text, pieces, finish reason and cache numbers, whether the
+    answer ends by length, a stop string or EOS (where a step was already launched for the ending token)."""
+    from kvcascade.engine import Session, tokenize
+
+    model, tok = kvcascade.load_model(str(tiny_model_dir), device="cpu", progress=False)
+    ids = tokenize(tok, "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12")
+
+    def run(ahead, eos=(), stop=()):
+        pieces = []
+        s = Session(model, tok, ids, make_policy(policy, budget), max_new_tokens=10, chunk_size=4, stop_on_eos=False,
+                    stop=list(stop), on_token=pieces.append)
+        s.pipelined = ahead  # (on its own only on a GPU, greedy, graphs on)
+        s.eos = set(eos)
+        while not s.step():
+            pass
+        r = s.result().to_dict()
+        s.close()
+        for k in ("prefill_s", "decode_s", "decode_step_s"):
+            r.pop(k)
+        return r, pieces
+
+    base, _ = run(False)
+    assert base["finish_reason"] == "length" and base["new_tokens"] == 10
+    text = base["text"]
+    cases = [{}, {"eos": [base["token_ids"][4]]}, {"stop": [text[len(text) // 2:len(text) // 2 + 2]]}]
+    for kw in cases:
+        (a, pa), (b, pb) = run(False, **kw), run(True, **kw)
+        assert a == b and pa == pb, kw
+    assert run(True, **cases[1])[0]["finish_reason"] == "stop"

@@ -7,10 +7,12 @@ whose original position is less than ``window`` behind its own). GQA: query head
 ``hq // (Hq // H)``.
 
 * :func:`chunk_attention` (prefill): pass 1 is a FlashAttention-style forward (online softmax, fp32
-  accumulation) that also writes each query row's log-sum-exp; pass 2 recomputes ``q k^T`` one key block
-  per program and sums ``exp(s - lse)`` over the chunk's queries and the group's query heads, so the mass
-  is exactly softmax-normalised (optionally weighted per query; the cascade's EMA weights) and no atomics
-  are needed. Work: 1.5x the forward's FLOPs when mass is asked for, 1x otherwise.
+  accumulation) that also writes each query row's log-sum-exp; pass 2 recomputes ``k q^T`` (a key per row)
+  one key block per program and sums ``exp(s - lse)`` over the chunk's queries and the group's query heads
+  (split over programs, each slice's partial sums added after in a fixed order), so the mass is exactly
+  softmax-normalised (optionally weighted per query; the cascade's EMA weights) and no atomics are needed.
+  Both passes run the tiles that need no mask (every query sees every key) without one. Work: 1.5x the
+  forward's FLOPs when mass is asked for, 1x otherwise.
 * :func:`decode_attention` (one or a few queries over a long cache): split-K: each program reads one slice
   of the cache for all query heads of a KV head, writes a partial (max, sum, accumulator) and, when mass is
   asked for, its raw logits; a small combine step merges the slices and turns logits into mass.

@@ -1,0 +1,80 @@
+"""Greedy decode speed with and without running ahead (``Session``: the next step launched with the token still on
+the device, ``KVCASCADE_RUN_AHEAD``), both in one run on one GPU, CUDA graphs on.
+
+Speed only: random weights in the default model's shape (Qwen2.5-Coder-0.5B: 24 layers, 896 wide, 14/2 heads of 64,
+vocab 151,936, bf16), so no model files are needed; tokens are whatever random weights pick. Rows: policy x run ahead
+off / on, tokens/s over the decode (first eager steps and captures included) and of the median step.
+Usage (GPU): python scripts/run_ahead_speed.py [--prompt 4096] [--new 256] [--budget 2048] [--out F.json] POLICY ...
+(``--device cpu --layers 2`` runs it small on a CPU, to check the script, not to time anything)
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from kvcascade import make_policy
+from kvcascade.bench import device_name
+from kvcascade.engine import Session
+from kvcascade.policies import parse_policy_spec
+
+
+class _Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(65 + int(i) % 26) for i in ids)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("policies", nargs="*", default=["full", "streaming", "cascade"])
+    ap.add_argument("--prompt", type=int, default=4096)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layers", type=int, default=24, help="fewer for a quick check")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=args.layers,
+                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                      tie_word_embeddings=True, rope_theta=1e6)
+    model = Qwen2ForCausalLM(cfg).to(args.device, torch.bfloat16).eval()
+    ids = torch.randint(100, 20000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    rows = []
+    for spec in args.policies:
+        name, params = parse_policy_spec(spec)
+        for ahead in (False, True, False, True):  # twice each, alternating: the first pair also warms up
+            s = Session(model, _Tok(), ids, make_policy(name, None if name == "full" else args.budget, **params),
+                        max_new_tokens=args.new, chunk_size=4096, stop_on_eos=False)
+            s.pipelined = ahead
+            while not s.decoding:
+                s.step()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            while not s.step():
+                pass
+            dt = time.perf_counter() - t
+            steps = [b - a for a, b in zip(s.marks, s.marks[1:])]
+            rows.append({"policy": spec, "run_ahead": ahead, "tok_s": len(s.new) / dt,
+                         "steady_tok_s": 1 / statistics.median(steps), "replayed": s.graphs.replays,
+                         "tokens": s.new[:8]})
+            s.close()
+    rows = [r for i, r in enumerate(rows) if i % 4 >= 2]  # the second pair of each policy
+    dev = device_name() if args.device == "cuda" else "CPU"
+    print(f"| policy | run ahead | tokens/s | median step tok/s | replayed |  ({dev}, random weights in the default "
+          f"model's shape, prompt {args.prompt}, {args.new} tokens, budget {args.budget})\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['policy']} | {'on' if r['run_ahead'] else 'off'} | {r['tok_s']:.0f} | {r['steady_tok_s']:.0f} | "
+              f"{r['replayed']} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": dev, "prompt": args.prompt, "new": args.new, "budget": args.budget, "rows": rows}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
