@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -351,7 +352,8 @@ def bench_e2e(model_name=None, length: int = 1048576, budget: int = 8192, policy
                      "answer": r.text[:40], "prompt_build_s": gen_s, "ms": r.prefill_s * 1000, "tflops": None,
                      "speedup_vs_cudnn": None})
         print(f"{pol} {L}: prefill {r.prefill_s:.1f} s, answer {r.text[:30]!r}", file=sys.stderr, flush=True)
-    meta = {"device": device_name(), "model": model_name, "dtype": str(model.dtype)}
+    meta = {"device": device_name(), "model": model_name, "dtype": str(model.dtype),
+            "run_ahead": os.environ.get("KVCASCADE_RUN_AHEAD", "0") == "1"}
     print_table(rows, ["T", "method", "chunk", "prefill_s", "prefill_tok_s", "decode_tok_s", "steady_tok_s",
                        "peak_gib", "kv_mib", "passkey_found"], f"bench e2e ({meta['device']}, {model_name})")
     write_json(rows, out, meta)
@@ -390,13 +392,13 @@ def _stock_decode(model, ids: torch.Tensor, new_tokens: int, cache_implementatio
 
 def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "streaming", "h2o", "tova", "snapkv",
                    "locret", "cascade"), budget: int = 2048, new_tokens: int = 256, chunk_size: int = 4096,
-                   peers=("static", "dynamic"), batches=(8, 32), batch_policy: str = "streaming", out=None) -> list[dict]:
+                   peers=("static", "dynamic"), batches=(8, 32), batch_policy: str = "streaming", run_ahead=False,
+                   out=None) -> list[dict]:
     """Decode speed after a prompt of each length: stock ``generate`` (static cache, as transformers runs it, and
-    dynamic cache) as the peer, then ours per policy with and without CUDA graphs; then ``batch_policy`` with
-    ``batches`` different prompts decoded together (aggregate tokens/s over the batched decode); same model, run."""
+    dynamic cache) as the peer, then ours per policy with and without CUDA graphs (``run_ahead``: and with graphs and
+    greedy decoding run ahead, ``KVCASCADE_RUN_AHEAD=1``); then ``batch_policy`` with ``batches`` different prompts
+    decoded together (aggregate tokens/s over the batched decode); same model, run."""
     _need_cuda()
-    import os
-
     from ..engine import generate
     from ..models import DEFAULT_MODEL, load_model
     from ..policies import parse_policy_spec
@@ -414,6 +416,7 @@ def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "st
             write_json(self, out, {**meta, "complete": False})
 
     rows = _Rows()
+    run_ahead_env = os.environ.get("KVCASCADE_RUN_AHEAD")  # (put back for the batched rows, which never run ahead)
     for L in lengths:
         ids = text_ids[:L]
         for peer in peers:
@@ -429,20 +432,24 @@ def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "st
         for spec in policies:
             name, pargs = parse_policy_spec(spec)
             b = None if name in ("full", "interlayer") else budget
-            for graphs in ("0", "1"):
-                os.environ["KVCASCADE_CUDA_GRAPHS"] = graphs
+            for graphs, ahead in [("0", "0"), ("1", "0")] + ([("1", "1")] if run_ahead else []):
+                os.environ["KVCASCADE_CUDA_GRAPHS"], os.environ["KVCASCADE_RUN_AHEAD"] = graphs, ahead
                 for warm in (True, False):  # a short warm-up run compiles every kernel first
                     r = generate(model, tok, ids[:L if not warm else min(L, 2 * chunk_size)], policy=name, budget=b,
                                  policy_args=pargs, max_new_tokens=new_tokens if not warm else 8,
                                  chunk_size=chunk_size, stop_on_eos=False)
                 rows.append({"T": L, "method": f"kvcascade {spec}" + (f" budget {b}" if b else "") +
-                             (", CUDA graphs" if graphs == "1" else ", eager"),
+                             (", CUDA graphs" if graphs == "1" else ", eager") + (", run ahead" if ahead == "1" else ""),
                              "decode_tok_s": r.new_tokens / r.decode_s, "prefill_s": r.prefill_s,
                              "steady_tok_s": 1 / r.decode_step_s if r.decode_step_s else None,
                              "kv_mib": r.kv_bytes_peak / 2**20,
                              "note": f"{r.decode_graph_steps} of {r.new_tokens - 1} decode steps replayed" if graphs == "1" else ""})
                 print(f"{L} {spec} graphs={graphs}: {r.new_tokens / r.decode_s:.0f} tok/s", file=sys.stderr, flush=True)
         os.environ.pop("KVCASCADE_CUDA_GRAPHS", None)
+        if run_ahead_env is None:
+            os.environ.pop("KVCASCADE_RUN_AHEAD", None)
+        else:
+            os.environ["KVCASCADE_RUN_AHEAD"] = run_ahead_env
         name, pargs = parse_policy_spec(batch_policy)
         for nb in batches:
             starts = [(i * 997) % max(1, len(text_ids) - L) for i in range(nb)]  # nb different prompts of L tokens
