@@ -274,8 +274,8 @@ class Session:
         self.marks: list[float] = []  # when each decoded token was taken (decode_step_s)
         self.batch_rows = 1  # most rows of a BatchDecoder this session was decoded in
         self.batch_replays = 0  # its steps there replayed as a CUDA graph
-        # greedy decoding on a GPU runs ahead: the token is fed to the next step on the device (its argmax) and the
-        # host reads it while that step runs, so the host's work between steps (sampling, text, the next launch)
+        # greedy decoding on a GPU can run ahead: the token is fed to the next step on the device (its argmax) and
+        # the host reads it while that step runs, so the host's work between steps (sampling, text, the next launch)
         # no longer leaves the GPU idle. A step launched for a token that then ends the answer is not counted.
         # Off unless KVCASCADE_RUN_AHEAD=1: one H100 run each gave the cascade +7% and full -12% (docs/results).
         self.pipelined = (temperature <= 0 and self.device.type == "cuda" and self.graphs.enabled
@@ -394,7 +394,8 @@ class Session:
                 reason = "stop"
         self._emit(len(self.text))
         _sync(self.device)
-        self.t2 = time.perf_counter()
+        # (a step run ahead for the ending token is not decode time: the answer ended when that token was read)
+        self.t2 = self.marks[-1] if self._stats is not None and self.marks else time.perf_counter()
         if self.t1 is None:
             self.t1 = self.t2
         self.done = True
