@@ -282,7 +282,7 @@ class Session:
                           and os.environ.get("KVCASCADE_RUN_AHEAD", "0") == "1")
         self._tok_host = None  # pinned [1] buffer the token is read into (CUDA), and the event that says it arrived
         self._tok_ready = None
-        self._stats = None  # (kv tokens peak, kv bytes peak, tokens seen, graph replays) before a step launched ahead
+        self._stats = None  # _numbers() before a step launched ahead (None once its token is taken)
 
     # -- steps ---------------------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -328,8 +328,7 @@ class Session:
             self._tok_ready.record()
         nxt = None
         if len(self.new) + 1 < self.max_new_tokens:  # else this token is the last one: nothing to run ahead
-            cache = self.cache
-            self._stats = (cache.kv_tokens_peak(), cache.kv_bytes_peak(), cache.seen_tokens, self.graphs.replays)
+            self._stats = self._numbers()
             nxt = self.graphs.step_device(tok_dev)[0]
         if self._tok_ready is not None:
             self._tok_ready.synchronize()  # the token only, not the step launched after it
@@ -403,11 +402,15 @@ class Session:
         return True
 
     # -- results -------------------------------------------------------------------------------------------
+    def _numbers(self) -> tuple:
+        """What :meth:`result` reports of the cache and the graphs: KV tokens and bytes at peak, tokens seen, replays."""
+        cache = self.cache
+        return cache.kv_tokens_peak(), cache.kv_bytes_peak(), cache.seen_tokens, self.graphs.replays
+
     def result(self) -> GenerationResult:
         cache = self.cache
         # (a step run ahead for the token that ended the answer is not part of it)
-        peak_tokens, peak_bytes, seen, replays = self._stats or (cache.kv_tokens_peak(), cache.kv_bytes_peak(),
-                                                                 cache.seen_tokens, self.graphs.replays)
+        peak_tokens, peak_bytes, seen, replays = self._stats or self._numbers()
         return GenerationResult(
             text=self.text if self.stop else self.tokenizer.decode(self.new, skip_special_tokens=True),
             token_ids=self.new,

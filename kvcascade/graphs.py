@@ -98,6 +98,12 @@ def _addresses(layer) -> tuple:
     return (tuple(layer._extra),) + tuple(b.data_ptr() for b in bufs)
 
 
+def _is_chunk(toks) -> bool:
+    """Whether a step's input is a prompt chunk (``[1, C]`` on the device), not decode tokens (a list of ints, or a
+    device tensor ``[rows]``)."""
+    return isinstance(toks, torch.Tensor) and toks.dim() == 2
+
+
 @dataclass
 class _Entry:
     graph: object
@@ -149,7 +155,7 @@ class DecodeGraphs:
 
     # -- steps ---------------------------------------------------------------------------------------------
     def _eager(self, toks) -> torch.Tensor:
-        if isinstance(toks, torch.Tensor) and toks.dim() == 2:  # a prompt chunk, on the device already (not counted)
+        if _is_chunk(toks):  # a prompt chunk, on the device already (not counted)
             inp = toks
         else:
             self.eager += 1
@@ -157,7 +163,7 @@ class DecodeGraphs:
         return self.cache.forward(self.model, inp, logits_to_keep=1).logits[:, -1]
 
     def _fill(self, toks) -> torch.Tensor:
-        if isinstance(toks, torch.Tensor) and toks.dim() == 2:  # a prompt chunk [1, C], already on the device
+        if _is_chunk(toks):  # a prompt chunk [1, C], already on the device
             shape = tuple(toks.shape)
             if shape not in self.tok:
                 self.tok[shape] = torch.zeros(shape, dtype=torch.long, device=self.model.device)
@@ -196,7 +202,7 @@ class DecodeGraphs:
 
     def _step(self, toks) -> torch.Tensor:
         # toks: a list of ints (one per row), a device tensor [rows] of them, or a prompt chunk [1, C] on the device
-        chunk = toks.shape[1] if isinstance(toks, torch.Tensor) and toks.dim() == 2 else 1
+        chunk = toks.shape[1] if _is_chunk(toks) else 1
         self.cache.policy.before_step(self.cache, chunk)  # (outside any graph: host numbers to device memory)
         key = self._key(chunk) if self.enabled else None
         if key is not None:

@@ -14,10 +14,9 @@ import statistics
 import time
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from kvcascade import make_policy
-from kvcascade.bench import device_name
+from kvcascade.bench import device_name, random_default_model
 from kvcascade.engine import Session
 from kvcascade.policies import parse_policy_spec
 
@@ -38,10 +37,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=24, help="fewer for a quick check")
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=args.layers,
-                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                      tie_word_embeddings=True, rope_theta=1e6)
-    model = Qwen2ForCausalLM(cfg).to(args.device, torch.bfloat16).eval()
+    model = random_default_model(args.device, layers=args.layers)
     ids = torch.randint(100, 20000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = []
     for spec in args.policies:

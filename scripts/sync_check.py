@@ -7,14 +7,12 @@ config shape (speed/sync behaviour does not depend on weights). Prints one line 
 import warnings
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from kvcascade.bench import random_default_model
 from kvcascade.cache import CompressedCache
 from kvcascade.policies import make_policy
 
-cfg = Qwen2Config(vocab_size=1000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768)
-model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+model = random_default_model("cuda", vocab=1000)
 print("| policy | host syncs in 1 prefill chunk (24 layers) | in 1 decode step |")
 print("|---|---|---|")
 for name in ["full", "window", "streaming", "h2o", "tova", "snapkv", "pyramidkv", "cascade", "cascade:block=16"]:

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from kvcascade.bench import cuda_time, device_name
+from kvcascade.bench import LLAMA8B, QWEN05B, cuda_time, device_name
 from kvcascade.kernels import triton_attention as ta
 
 
@@ -34,7 +34,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     report = {"device": device_name(), "fwd": {}, "mass": {}, "timings": []}
-    for (Hq, H, D), n_cached in itertools.product([(14, 2, 64), (32, 8, 128)], [8192]):
+    for shape, n_cached in itertools.product([QWEN05B, LLAMA8B], [8192]):
+        Hq, H, D = shape["Hq"], shape["H"], shape["D"]
         C = 4096
         q = torch.randn(1, Hq, C, D, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, H, n_cached + C, D, device="cuda", dtype=torch.bfloat16)

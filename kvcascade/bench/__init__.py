@@ -23,6 +23,17 @@ LLAMA8B = {"Hq": 32, "H": 8, "D": 128}
 QWEN05B = {"Hq": 14, "H": 2, "D": 64}  # the default model's attention
 
 
+def random_default_model(device="cuda", layers: int = 24, vocab: int = 151936, dtype=torch.bfloat16):
+    """Random weights in the default model's shape (Qwen2.5-Coder-0.5B: 896 wide, 14/2 heads of 64, MLP 4864, tied
+    embeddings): for speed and host-sync measurements, which do not depend on the weights; never for quality."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,
+                      num_attention_heads=QWEN05B["Hq"], num_key_value_heads=QWEN05B["H"], max_position_embeddings=32768,
+                      tie_word_embeddings=True, rope_theta=1e6)
+    return Qwen2ForCausalLM(cfg).to(device, dtype).eval()
+
+
 def _need_cuda():
     if not torch.cuda.is_available():
         raise KVCascadeError("benchmarks need a CUDA GPU (they time GPU kernels)")
