@@ -94,8 +94,9 @@ def _addresses(layer) -> tuple:
     buffer's address can come back for one buffer and not for the others)."""
     if layer._k is None:
         return ()
-    bufs = [layer._k, layer._v, layer._pos, layer._score, *layer._extra.values()]
-    return (tuple(layer._extra),) + tuple(b.data_ptr() for b in bufs)
+    own = (layer._k.data_ptr(), layer._v.data_ptr(), layer._pos.data_ptr(), layer._score.data_ptr())
+    extra = layer._extra  # (written out: this runs for every layer at every decode step)
+    return (tuple(extra),) + own + tuple(b.data_ptr() for b in extra.values()) if extra else ((),) + own
 
 
 def _is_chunk(toks) -> bool:
@@ -111,6 +112,9 @@ class _Entry:
     after: list  # per layer: (n, seen delta, peak_tokens, peak_bytes, state)
     seen_delta: int
     grow: bool = False  # a padded step (the cache grows by seen_delta per replay) instead of a steady one
+    # per layer: the step leaves the policy state as it found it (the cascade's counts once every cascade is full;
+    # most policies keep none), so a replay, whose key matched that state, leaves it alone instead of copying
+    kept: tuple = ()
 
 
 class DecodeGraphs:
@@ -231,13 +235,16 @@ class DecodeGraphs:
         else:
             self.replays += 1
         cache = self.cache  # the host state the replayed step leaves
-        for layer, (n, _, pt, pb, state) in zip(cache.layers, entry.after):
+        kept = entry.kept
+        for i, (layer, (n, _, pt, pb, state)) in enumerate(zip(cache.layers, entry.after)):
             layer.seen += entry.seen_delta
             if entry.grow:  # a padded step added its token, whatever the count was
                 layer.n += entry.seen_delta
                 pt, pb = layer.n, cache.policy.layer_bytes(layer)
             else:
-                layer.n, layer.state = n, copy.deepcopy(state)
+                layer.n = n
+                if not kept[i]:
+                    layer.state = copy.deepcopy(state)
             layer.peak_tokens, layer.peak_bytes = max(layer.peak_tokens, pt), max(layer.peak_bytes, pb)
         if cache.row_seen is not None:
             cache.row_seen = [r + entry.seen_delta for r in cache.row_seen]
@@ -277,7 +284,8 @@ class DecodeGraphs:
         delta = after[0][1] - snap[0][1]
         self._restore(snap)  # replay() below runs the step; step() then applies `after`
         cache._seen_host, cache.row_seen = seen_host, row_seen
-        entry = _Entry(graph, out.logits, after, delta, grow)
+        kept = tuple(repr(a[4]) == repr(b[4]) for a, b in zip(after, snap))  # (the key compares states by repr)
+        entry = _Entry(graph, out.logits, after, delta, grow, kept)
         self.graphs[key] = entry
         if key[0] != "prefill":
             self.captures += 1  # decode captures (profile_decode.py waits until they stop)

@@ -3,10 +3,14 @@ a torch.profiler count of the step's kernels with their GPU time, grouped by ope
 ``--chunk C`` does the same for a prompt chunk of ``C`` tokens at the budget (a long prompt's prefill).
 
 A graph replay removes the host's launch time, so its step time is close to the sum of the step's kernel times:
-the table says which kernels to remove or fuse next. Same model and prompt for every policy (the default model,
+the table says which kernels to remove or fuse next. Replays back to back hide the host's work between steps (the
+next replay is queued while one runs); a generation loop cannot (it reads each token before the next step), so the
+step is also timed *synced* (each replay waited for, as ``Session.step`` does), with the host's time per call and,
+of it, the time ``CUDAGraph.replay()`` takes to launch the graph (GPU idle before each call). Same model and prompt for every policy (the default model,
 ``--prompt`` random token ids, ``--budget``), the cache in its steady state (at the budget: a token arrives and
 one leaves) unless the prompt is shorter. Usage:
-python scripts/profile_decode.py [--prompt 4096] [--budget 2048] [--chunk 0] [--top 8] [--out F.json] POLICY ...
+python scripts/profile_decode.py [--prompt 4096] [--budget 2048] [--chunk 0] [--top 8] [--random] [--out F.json] POLICY ...
+(``--random``: random weights in the default model's shape, no model files; speed only)
 """
 
 import argparse
@@ -19,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import kvcascade
 from kvcascade import make_policy
-from kvcascade.bench import device_name
+from kvcascade.bench import device_name, random_default_model
 from kvcascade.cache import CompressedCache
 from kvcascade.engine import prefill
 from kvcascade.graphs import SEEN_KEYS, DecodeGraphs
@@ -35,6 +39,37 @@ def _ms_per_step(fn, steps: int) -> float:
     return (time.perf_counter() - t) / steps * 1000
 
 
+class _TimedGraph:
+    """A captured graph whose ``replay()`` records the host's time to launch it."""
+
+    def __init__(self, graph, times: list):
+        self.graph, self.times = graph, times
+
+    def replay(self):
+        t = time.perf_counter()
+        self.graph.replay()
+        self.times.append(time.perf_counter() - t)
+
+
+def _synced(fn, graphs, steps: int) -> tuple[float, float, float]:
+    """ms per step when each is waited for before the next (a generation loop), and the host's microseconds per call
+    (GPU idle at the start) and per ``replay()`` launch within it."""
+    launches: list = []
+    for entry in graphs.graphs.values():
+        entry.graph = _TimedGraph(getattr(entry.graph, "graph", entry.graph), launches)
+    host = []
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        a = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - a)
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / steps * 1000
+    per_launch = sum(launches) / len(launches) * 1e6 if launches else float("nan")
+    return ms, sum(host) / steps * 1e6, per_launch
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("policies", nargs="+")
@@ -44,8 +79,13 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=0, help="profile prompt chunks of this many tokens, not decode steps")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--random", action="store_true", help="random weights in the default model's shape (speed only)")
     args = ap.parse_args()
-    model, _ = kvcascade.load_model(device="cuda", progress=False)
+    if args.random:
+        torch.manual_seed(0)
+        model = random_default_model("cuda")
+    else:
+        model, _ = kvcascade.load_model(device="cuda", progress=False)
     ids = torch.randint(100, 20000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = []
     for spec in args.policies:
@@ -78,8 +118,10 @@ def main() -> None:
             captures = graphs.captures
             replayed = graphs.replays + graphs.chunk_replays
             graphed = _ms_per_step(one, args.steps)
-            replayed = graphs.replays + graphs.chunk_replays - replayed - (graphs.captures - captures)  # (a capture
-            graphs.enabled = False  # also replays once)
+            # (a capture also replays once)
+            replayed = graphs.replays + graphs.chunk_replays - replayed - (graphs.captures - captures)
+            synced, host_us, launch_us = _synced(one, graphs, args.steps)
+            graphs.enabled = False
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 one()
                 torch.cuda.synchronize()
@@ -92,26 +134,29 @@ def main() -> None:
         gpu_us = sum(t for _, t in by_op.values())
         top = sorted(by_op.items(), key=lambda kv: -kv[1][1])[:args.top]
         rows.append({"policy": spec, "eager_ms": eager, "graph_ms": graphed, "graph_tok_s": 1000 / graphed,
+                     "synced_ms": synced, "host_us": host_us, "launch_us": launch_us,
                      "replayed": f"{replayed} of {args.steps}", "kernels": kernels, "kernel_ms": gpu_us / 1000,
                      "top": [{"kernel": k[:90], "count": c, "us": t} for k, (c, t) in top]})
-        print(f"{spec}: eager {eager:.2f} ms, graphs {graphed:.2f} ms ({replayed}/{args.steps} replayed), "
-              f"{kernels} kernels, {gpu_us / 1000:.2f} ms of kernel time", flush=True)
+        print(f"{spec}: eager {eager:.2f} ms, graphs {graphed:.2f} ms ({replayed}/{args.steps} replayed), synced "
+              f"{synced:.2f} ms (host {host_us:.0f} us per call, graph launch {launch_us:.0f} us), {kernels} kernels, "
+              f"{gpu_us / 1000:.2f} ms of kernel time", flush=True)
         for k, (c, t) in top:
             print(f"    {t / 1000:7.3f} ms  {c:5d} x  {k[:90]}")
         cache = graphs = None  # freed before the next policy
         torch.cuda.empty_cache()
     dev = device_name()
     what = f"chunks of {args.chunk}" if args.chunk else "decode steps"
-    print(f"\n| policy | eager ms | graph ms (tok/s) | kernels per step | kernel ms per step |  ({dev}, prompt "
-          f"{args.prompt}, budget {args.budget}, {what})\n|---|---|---|---|---|")
+    weights = ", random weights" if args.random else ""
+    print(f"\n| policy | eager ms | graph ms (tok/s) | synced ms | host us (launch) | kernels per step | kernel ms per "
+          f"step |  ({dev}{weights}, prompt {args.prompt}, budget {args.budget}, {what})\n|---|---|---|---|---|---|---|")
     per = max(1, args.chunk)
     for r in rows:
         print(f"| {r['policy']} | {r['eager_ms']:.2f} | {r['graph_ms']:.2f} ({r['graph_tok_s'] * per:.0f}) | "
-              f"{r['kernels']} | {r['kernel_ms']:.2f} |")
+              f"{r['synced_ms']:.2f} | {r['host_us']:.0f} ({r['launch_us']:.0f}) | {r['kernels']} | {r['kernel_ms']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": dev, "prompt": args.prompt, "budget": args.budget, "chunk": args.chunk, "rows": rows},
-                      f, indent=1)
+            json.dump({"device": dev, "random_weights": args.random, "prompt": args.prompt, "budget": args.budget,
+                       "chunk": args.chunk, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

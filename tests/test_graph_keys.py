@@ -268,3 +268,48 @@ def test_prompt_chunks_with_one_key_issue_the_same_operations(spec):
     s.close()
     if spec not in ("full", "snapkv", "pyramidkv"):  # those hold the whole prompt until its end: nothing repeats
         assert repeated >= 4, repeated
+
+
+class _NoGraph:
+    """Stands in for a captured CUDA graph on CPU: its replay does nothing (device results are not compared)."""
+
+    def replay(self):
+        pass
+
+
+@pytest.mark.parametrize("spec", ["cascade", "cascade-block", "h2o", "streaming", "locret", "full"])
+def test_replays_leave_the_host_state_that_steps_leave(spec, monkeypatch):
+    """DecodeGraphs sets the host state a replayed step would have left (token counts, seen, peaks, policy state)
+    from what its capture left: checked on CPU with graphs that do nothing, against eager steps fed the same tokens."""
+    name = spec.split("-")[0]
+    params = SPECS[spec]
+    model = tiny_model("qwen2", layers=3)
+    ids = torch.randint(0, 96, (120,), generator=torch.Generator().manual_seed(2)).tolist()
+    feed = torch.randint(0, 96, (60,), generator=torch.Generator().manual_seed(3)).tolist()
+
+    def host(s):
+        return [(la.n, la.seen, la.peak_tokens, la.peak_bytes, repr(la.state)) for la in s.cache.layers]
+
+    def run(graphed: bool):
+        s = Session(model, _Tok(), ids, make_policy(name, **params), max_new_tokens=200, chunk_size=32,
+                    stop_on_eos=False)
+        with torch.inference_mode():
+            while s.t1 is None:
+                s.step()
+            if graphed:
+                s.graphs.enabled = True
+            states = []
+            for tok in feed:
+                s.graphs.step(tok)
+                states.append(host(s))
+        replays = s.graphs.replays
+        s.close()
+        return states, replays
+
+    eager, _ = run(False)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _NoGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    replayed, replays = run(True)
+    assert replays > len(feed) // 2  # (most steps were replays)
+    assert replayed == eager
