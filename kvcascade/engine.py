@@ -280,8 +280,9 @@ class Session:
         # Off unless KVCASCADE_RUN_AHEAD=1: one H100 run each gave the cascade +7% and full -12% (docs/results).
         self.pipelined = (temperature <= 0 and self.device.type == "cuda" and self.graphs.enabled
                           and os.environ.get("KVCASCADE_RUN_AHEAD", "0") == "1")
-        self._tok_host = None  # pinned [1] buffer the token is read into (CUDA), and the event that says it arrived
+        self._tok_host = None  # pinned [2] buffer the tokens are read into (CUDA), and the events that say they arrived
         self._tok_ready = None
+        self._ahead = None  # running ahead: the next token on the device and its slot in _tok_host
         self._stats = None  # _numbers() before a step launched ahead (None once its token is taken)
 
     # -- steps ---------------------------------------------------------------------------------------------
@@ -317,27 +318,42 @@ class Session:
     def _step_ahead(self) -> bool:
         """A greedy decode step, run ahead: the next step is launched with the argmax of ``self.logits`` still on
         the device, and the host reads that token while the step runs. The same tokens as :meth:`step`'s other path
-        (tests/test_engine.py); a step launched for a token that ends the answer is left out of :meth:`result`."""
-        tok_dev = self.logits.argmax(-1, keepdim=True)  # [1], on the device
+        (tests/test_engine.py); a step launched for a token that ends the answer is left out of :meth:`result`.
+
+        Each step's argmax, its copy to the host and an event are queued right behind the step's launch (the token
+        is read at the next call, from the other of two pinned slots): the order of the graph-level loop that ran at
+        the rate of replays back to back on an H200, where launching the step last before the wait left a cascade
+        token at 3.1 ms in a session against 2.64 ms (docs/results/README.md, eighth session; this order in a
+        session is not measured yet)."""
         if self._tok_host is None:
             cuda = self.device.type == "cuda"
-            self._tok_host = torch.empty(1, dtype=torch.long, pin_memory=cuda)
-            self._tok_ready = torch.cuda.Event() if cuda else None
-        self._tok_host.copy_(tok_dev, non_blocking=True)
-        if self._tok_ready is not None:
-            self._tok_ready.record()
+            self._tok_host = torch.empty(2, dtype=torch.long, pin_memory=cuda)
+            self._tok_ready = [torch.cuda.Event(), torch.cuda.Event()] if cuda else None
+        if self._ahead is None:  # the first decode step: the prompt's last logits
+            self._ahead = self._queue_token(self.logits, 0)
+        tok_dev, slot = self._ahead
         nxt = None
         if len(self.new) + 1 < self.max_new_tokens:  # else this token is the last one: nothing to run ahead
             self._stats = self._numbers()
             nxt = self.graphs.step_device(tok_dev)[0]
+            self._ahead = self._queue_token(nxt, 1 - slot)
         if self._tok_ready is not None:
-            self._tok_ready.synchronize()  # the token only, not the step launched after it
-        tok = self._take(int(self._tok_host[0]))
+            self._tok_ready[slot].synchronize()  # this token only, not the step launched after it
+        tok = self._take(int(self._tok_host[slot]))
         if tok is None:
             return True
         self.logits = nxt
         self._stats = None
         return False
+
+    def _queue_token(self, logits: torch.Tensor, slot: int) -> tuple:
+        """The argmax of ``logits`` on the device, queued with its copy into pinned slot ``slot`` and that slot's
+        event: ``(token on the device, slot)``."""
+        tok_dev = logits.argmax(-1, keepdim=True)  # [1]
+        self._tok_host[slot:slot + 1].copy_(tok_dev, non_blocking=True)
+        if self._tok_ready is not None:
+            self._tok_ready[slot].record()
+        return tok_dev, slot
 
     @property
     def decoding(self) -> bool:
