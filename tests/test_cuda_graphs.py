@@ -324,3 +324,32 @@ def test_sliding_window_models_replay_with_the_same_tokens(spec, monkeypatch):
     eager, _, _ = _decode(model, spec, monkeypatch, graphs=False)
     graphed, replays, _ = _decode(model, spec, monkeypatch, graphs=True)
     assert replays >= 30 and graphed == eager
+
+
+@cuda
+@pytest.mark.parametrize("spec", [("full", {}), ("streaming", {"budget": 24}), ("cascade", {"budget": 32}),
+                                  ("cascade", {"budget": 48, "block": 4, "cascades": 2})],
+                         ids=["full", "streaming", "cascade", "cascade-units"])
+def test_running_ahead_on_the_gpu_gives_the_step_by_step_tokens(spec, monkeypatch):
+    """KVCASCADE_RUN_AHEAD=1 on CUDA (pinned slots, events, the next step launched before the token is read): the
+    tokens and kept slots of step-by-step decoding, with the steps replayed as graphs."""
+    model = tiny_model("qwen2", layers=3).to("cuda", torch.bfloat16)
+    runs = []
+    for ahead in ("0", "1"):
+        monkeypatch.setenv("KVCASCADE_RUN_AHEAD", ahead)
+        name, args = spec
+        ids = torch.randint(0, 96, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+        s = Session(model, _Tok(), ids, make_policy(name, **args), max_new_tokens=40, chunk_size=32,
+                    stop_on_eos=False)
+        assert s.pipelined == (ahead == "1")
+        try:
+            while not s.step():
+                pass
+            runs.append((s.new, s.graphs.replays, [layer.pos.clone() for layer in s.cache.layers], s.result()))
+        finally:
+            s.close()
+    (new0, rep0, pos0, r0), (new1, rep1, pos1, r1) = runs
+    assert rep1 >= 30 and new1 == new0
+    assert (r1.kv_tokens_peak, r1.kv_bytes_peak, r1.new_tokens) == (r0.kv_tokens_peak, r0.kv_bytes_peak, r0.new_tokens)
+    for a, b in zip(pos0, pos1):
+        assert torch.equal(a, b)
