@@ -18,14 +18,22 @@ class _Tok:
         return "".join(chr(65 + int(i) % 26) for i in ids)
 
 
-def _decode(model, spec, monkeypatch, graphs: bool, new=40):
+def _decode(model, spec, monkeypatch, graphs: bool, new=40, ahead=False, numbers=None):
+    """Greedy decoding of a fixed prompt: the tokens, the steps replayed, every layer's kept positions (``ahead``:
+    running ahead, KVCASCADE_RUN_AHEAD=1; ``numbers``: a list that gets the result's peak KV tokens and bytes and its
+    token count)."""
     monkeypatch.setenv("KVCASCADE_CUDA_GRAPHS", "1" if graphs else "0")
+    monkeypatch.setenv("KVCASCADE_RUN_AHEAD", "1" if ahead else "0")
     name, args = spec
     ids = torch.randint(0, 96, (150,), generator=torch.Generator().manual_seed(1)).tolist()
     s = Session(model, _Tok(), ids, make_policy(name, **args), max_new_tokens=new, chunk_size=32, stop_on_eos=False)
+    assert s.pipelined == ahead
     try:
         while not s.step():
             pass
+        if numbers is not None:
+            r = s.result()
+            numbers.append((r.kv_tokens_peak, r.kv_bytes_peak, r.new_tokens))
         return s.new, s.graphs.replays, [layer.pos.clone() for layer in s.cache.layers]
     finally:
         s.close()
@@ -334,22 +342,10 @@ def test_running_ahead_on_the_gpu_gives_the_step_by_step_tokens(spec, monkeypatc
     """KVCASCADE_RUN_AHEAD=1 on CUDA (pinned slots, events, the next step launched before the token is read): the
     tokens and kept slots of step-by-step decoding, with the steps replayed as graphs."""
     model = tiny_model("qwen2", layers=3).to("cuda", torch.bfloat16)
-    runs = []
-    for ahead in ("0", "1"):
-        monkeypatch.setenv("KVCASCADE_RUN_AHEAD", ahead)
-        name, args = spec
-        ids = torch.randint(0, 96, (150,), generator=torch.Generator().manual_seed(1)).tolist()
-        s = Session(model, _Tok(), ids, make_policy(name, **args), max_new_tokens=40, chunk_size=32,
-                    stop_on_eos=False)
-        assert s.pipelined == (ahead == "1")
-        try:
-            while not s.step():
-                pass
-            runs.append((s.new, s.graphs.replays, [layer.pos.clone() for layer in s.cache.layers], s.result()))
-        finally:
-            s.close()
-    (new0, rep0, pos0, r0), (new1, rep1, pos1, r1) = runs
+    numbers = []
+    new0, _, pos0 = _decode(model, spec, monkeypatch, graphs=True, numbers=numbers)
+    new1, rep1, pos1 = _decode(model, spec, monkeypatch, graphs=True, ahead=True, numbers=numbers)
     assert rep1 >= 30 and new1 == new0
-    assert (r1.kv_tokens_peak, r1.kv_bytes_peak, r1.new_tokens) == (r0.kv_tokens_peak, r0.kv_bytes_peak, r0.new_tokens)
+    assert numbers[1] == numbers[0]
     for a, b in zip(pos0, pos1):
         assert torch.equal(a, b)

@@ -3,6 +3,8 @@ with the same key (kvcascade.graphs.DecodeGraphs._key) must issue exactly the sa
 non-tensor arguments, and must not build tensors from host data (on a GPU, a host-to-device copy). Checked here on
 CPU, where graphs never run, by recording each step's operator trace."""
 
+import contextlib
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -308,7 +310,7 @@ def test_replays_leave_the_host_state_that_steps_leave(spec, monkeypatch):
 
     eager, _ = run(False)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", _NoGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda g: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
     replayed, replays = run(True)
     assert replays > len(feed) // 2  # (most steps were replays)
