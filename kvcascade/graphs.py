@@ -41,6 +41,7 @@ left up to the policy's tail (Locret), and never pads. Perplexity (every token's
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import threading
 import warnings
@@ -191,6 +192,10 @@ class DecodeGraphs:
         decode step; every other chunk runs eagerly."""
         return self._step(ids).clone()
 
+    def release(self) -> None:
+        """Drop the captured graphs and their memory now (a closed session's), not whenever the collector comes."""
+        self.graphs.clear()
+
     def step(self, tok) -> torch.Tensor:
         """Decode one token per row (``tok``: an int, or a list with one per row of a batched cache): the logits of
         the next, ``[vocab]`` for an int, ``[rows, vocab]`` for a list."""
@@ -263,6 +268,10 @@ class DecodeGraphs:
         grow = key[0] == "grow"  # (a prompt chunk's key starts with "prefill")
         if grow and not cache.keys_rotated:
             cache.sync_slot_counter(self.model.device)
+        # no garbage collection during the capture: a graph it frees then (another session's, kept in a reference
+        # cycle) is destroyed mid-capture, which invalidates the capture (seen on an H100)
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             torch.cuda.synchronize()
             cache.padded = grow
@@ -279,6 +288,9 @@ class DecodeGraphs:
             warnings.warn(f"kvcascade: CUDA graph capture failed ({type(e).__name__}: {e}); decoding eagerly",
                           RuntimeWarning, stacklevel=3)
             return None
+        finally:
+            if collecting:
+                gc.enable()
         cache.padded = False
         after = self._snapshot()
         delta = after[0][1] - snap[0][1]

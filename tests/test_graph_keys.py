@@ -315,3 +315,36 @@ def test_replays_leave_the_host_state_that_steps_leave(spec, monkeypatch):
     replayed, replays = run(True)
     assert replays > len(feed) // 2  # (most steps were replays)
     assert replayed == eager
+
+
+def test_captures_run_without_the_garbage_collector_and_closing_drops_the_graphs(monkeypatch):
+    """A graph that the garbage collector frees while another is being captured invalidates that capture (an H100
+    run: sessions kept alive by a reference cycle): captures run with the collector off (and turn it back on), and a
+    closed session drops its graphs at once."""
+    import gc
+
+    seen = []
+
+    @contextlib.contextmanager
+    def capture(graph):
+        seen.append(gc.isenabled())
+        yield
+
+    model = tiny_model("qwen2", layers=2)
+    ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _NoGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    s = Session(model, _Tok(), ids, make_policy("streaming", 24), max_new_tokens=50, chunk_size=16,
+                stop_on_eos=False)
+    with torch.inference_mode():
+        while s.t1 is None:
+            s.step()
+        s.graphs.enabled = True
+        for tok in range(10):
+            s.graphs.step(tok)
+    assert seen and not any(seen)  # (captured, every time with the collector off)
+    assert gc.isenabled()
+    assert s.graphs.graphs
+    s.close()
+    assert not s.graphs.graphs
