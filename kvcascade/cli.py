@@ -256,7 +256,7 @@ def cmd_bench(args) -> int:
         if args.batches is not None:
             kw["batches"] = [int(x) for x in args.batches.split(",") if x]
         bench.bench_generate(args.model, budget=args.budget, new_tokens=args.new_tokens, chunk_size=args.chunk_size,
-                             run_ahead=args.run_ahead, out=out, **kw)
+                             run_ahead=not args.no_run_ahead, out=out, **kw)
     else:
         bench.bench_e2e(args.model, length=lengths[0] if lengths else 1048576, budget=args.budget,
                         policy=args.policy, chunk_size=args.chunk_size, new_tokens=args.new_tokens,
@@ -469,8 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--new-tokens", type=int, default=256, help="e2e, generate: tokens decoded per run")
     bn.add_argument("--batches", default=None, help="generate: numbers of prompts decoded together (default 8,32; "
                     "empty: none)")
-    bn.add_argument("--run-ahead", action="store_true", help="generate: also rows with greedy decoding run ahead "
-                    "(KVCASCADE_RUN_AHEAD=1)")
+    bn.add_argument("--no-run-ahead", action="store_true", help="generate: leave out the rows with greedy decoding "
+                    "run ahead (the default; these rows run graphs step by step and eagerly only)")
     bn.add_argument("--budget", type=int, default=8192, help="e2e, generate: budget")
     bn.add_argument("--chunk-size", type=int, default=4096, help="e2e: prefill stride")
     bn.add_argument("--full-lengths", default="32k", help="e2e: prompt lengths for the full cache")

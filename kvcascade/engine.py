@@ -277,9 +277,10 @@ class Session:
         # greedy decoding on a GPU can run ahead: the token is fed to the next step on the device (its argmax) and
         # the host reads it while that step runs, so the host's work between steps (sampling, text, the next launch)
         # no longer leaves the GPU idle. A step launched for a token that then ends the answer is not counted.
-        # Off unless KVCASCADE_RUN_AHEAD=1: one H100 run each gave the cascade +7% and full -12% (docs/results).
+        # On unless KVCASCADE_RUN_AHEAD=0: on an H100 it closed the GPU's idle time between replayed steps from 100-300
+        # to 22-27 us (docs/results/README.md, ninth session).
         self.pipelined = (temperature <= 0 and self.device.type == "cuda" and self.graphs.enabled
-                          and os.environ.get("KVCASCADE_RUN_AHEAD", "0") == "1")
+                          and os.environ.get("KVCASCADE_RUN_AHEAD", "1") != "0")
         self._tok_host = None  # pinned [2] buffer the tokens are read into (CUDA), and the events that say they arrived
         self._tok_ready = None
         self._ahead = None  # running ahead: the next token on the device and its slot in _tok_host
@@ -323,8 +324,7 @@ class Session:
         Each step's argmax, its copy to the host and an event are queued right behind the step's launch (the token
         is read at the next call, from the other of two pinned slots): the order of the graph-level loop that ran at
         the rate of replays back to back on an H200, where launching the step last before the wait left a cascade
-        token at 3.1 ms in a session against 2.64 ms (docs/results/README.md, eighth session; this order in a
-        session is not measured yet)."""
+        token at 3.1 ms in a session against 2.64 ms (docs/results/README.md, eighth and ninth sessions)."""
         if self._tok_host is None:
             cuda = self.device.type == "cuda"
             self._tok_host = torch.empty(2, dtype=torch.long, pin_memory=cuda)
@@ -449,6 +449,7 @@ class Session:
     def close(self) -> None:
         self._prefill.close()
         self.cache.release()
+        self.graphs.release()
 
 
 class BatchDecoder:

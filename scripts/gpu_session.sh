@@ -12,7 +12,7 @@
 #   interlayer     calibrate inter-layer groups (regrouped at 0.3/0.7 too), then KJV-NT perplexity at 32K, passkey and
 #                  niah_single on prose at 8K/32K for full and interlayer (delta x proximal window); into $OUT/interlayer
 #   decode         GPU tests of CUDA graphs and batching, then bench generate (4K/32K, per policy, batches 8/32,
-#                  with the run-ahead rows)
+#                  eager, graphs step by step, graphs running ahead)
 #   profile        scripts/profile_decode.py: where a decode step's time goes, per policy ($POLICIES, space-separated)
 #   tune           GPU kernel + graph tests, scripts/tune_kernels.py (best chunk-kernel launch configurations into
 #                  $OUT/tune.json), then bench kernel under them (KVCASCADE_KERNEL_CONFIG)
@@ -94,7 +94,7 @@ for d in ('0.3','0.5','0.7'):
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_triton.py 2>&1 | tail -4
     $KV bench generate --lengths "${LENGTHS:-4k,32k}" --budget "${BUDGET:-2048}" --new-tokens "${NEW:-128}" \
       --policies "${POLICIES:-full,streaming,h2o,snapkv,locret,locret:decode_window=1,cascade}" \
-      --batches "${BATCHES:-8,32}" --run-ahead --out "$OUT/bench_generate.json" 2>/dev/null ;;
+      --batches "${BATCHES:-8,32}" --out "$OUT/bench_generate.json" 2>/dev/null ;;
   storage)  # issue 12 part 1: the inter-layer layout under selectors (storage=interlayer), Triton shared attention
     D=$OUT/storage; mkdir -p $D ~/ev
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton.py -k shared tests/test_interlayer.py 2>&1 | tail -3

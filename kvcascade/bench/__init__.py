@@ -364,7 +364,7 @@ def bench_e2e(model_name=None, length: int = 1048576, budget: int = 8192, policy
                      "speedup_vs_cudnn": None})
         print(f"{pol} {L}: prefill {r.prefill_s:.1f} s, answer {r.text[:30]!r}", file=sys.stderr, flush=True)
     meta = {"device": device_name(), "model": model_name, "dtype": str(model.dtype),
-            "run_ahead": os.environ.get("KVCASCADE_RUN_AHEAD", "0") == "1"}
+            "run_ahead": os.environ.get("KVCASCADE_RUN_AHEAD", "1") != "0"}
     print_table(rows, ["T", "method", "chunk", "prefill_s", "prefill_tok_s", "decode_tok_s", "steady_tok_s",
                        "peak_gib", "kv_mib", "passkey_found"], f"bench e2e ({meta['device']}, {model_name})")
     write_json(rows, out, meta)
@@ -403,11 +403,12 @@ def _stock_decode(model, ids: torch.Tensor, new_tokens: int, cache_implementatio
 
 def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "streaming", "h2o", "tova", "snapkv",
                    "locret", "cascade"), budget: int = 2048, new_tokens: int = 256, chunk_size: int = 4096,
-                   peers=("static", "dynamic"), batches=(8, 32), batch_policy: str = "streaming", run_ahead=False,
+                   peers=("static", "dynamic"), batches=(8, 32), batch_policy: str = "streaming", run_ahead=True,
                    out=None) -> list[dict]:
     """Decode speed after a prompt of each length: stock ``generate`` (static cache, as transformers runs it, and
-    dynamic cache) as the peer, then ours per policy with and without CUDA graphs (``run_ahead``: and with graphs and
-    greedy decoding run ahead, ``KVCASCADE_RUN_AHEAD=1``); then ``batch_policy`` with ``batches`` different prompts
+    dynamic cache) as the peer, then ours per policy eagerly, with CUDA graphs step by step
+    (``KVCASCADE_RUN_AHEAD=0``) and (``run_ahead``, the default) with graphs and greedy decoding run ahead, as
+    ``generate`` decodes by default; then ``batch_policy`` with ``batches`` different prompts
     decoded together (aggregate tokens/s over the batched decode); same model, run."""
     _need_cuda()
     from ..engine import generate
@@ -450,7 +451,8 @@ def bench_generate(model_name=None, lengths=(4096, 32768), policies=("full", "st
                                  policy_args=pargs, max_new_tokens=new_tokens if not warm else 8,
                                  chunk_size=chunk_size, stop_on_eos=False)
                 rows.append({"T": L, "method": f"kvcascade {spec}" + (f" budget {b}" if b else "") +
-                             (", CUDA graphs" if graphs == "1" else ", eager") + (", run ahead" if ahead == "1" else ""),
+                             (", eager" if graphs == "0" else ", CUDA graphs, run ahead" if ahead == "1"
+                              else ", CUDA graphs, step by step"),
                              "decode_tok_s": r.new_tokens / r.decode_s, "prefill_s": r.prefill_s,
                              "steady_tok_s": 1 / r.decode_step_s if r.decode_step_s else None,
                              "kv_mib": r.kv_bytes_peak / 2**20,
