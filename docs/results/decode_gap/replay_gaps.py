@@ -59,6 +59,11 @@ for spec, prompt, budget in CFG:
         rows.append(r)
         print(json.dumps(r), flush=True)
         s.close()
+        if os.environ.get("EMPTY") == "1":  # between sessions: collect and give the allocator's free memory back
+            import gc
+            del s
+            gc.collect()
+            torch.cuda.empty_cache()
 print(f"| policy | prompt/budget | mode | tok/s | median step us | replays | graph us (median) | gap us median / mean |  ({device_name()})")
 print("|---|---|---|---|---|---|---|---|")
 for r in rows:
