@@ -469,8 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--new-tokens", type=int, default=256, help="e2e, generate: tokens decoded per run")
     bn.add_argument("--batches", default=None, help="generate: numbers of prompts decoded together (default 8,32; "
                     "empty: none)")
-    bn.add_argument("--no-run-ahead", action="store_true", help="generate: leave out the rows with greedy decoding "
-                    "run ahead (the default; these rows run graphs step by step and eagerly only)")
+    bn.add_argument("--no-run-ahead", action="store_true", help="generate: leave out the rows that run ahead (how "
+                    "greedy decoding runs by default); keep the eager and the graphs-step-by-step rows")
     bn.add_argument("--budget", type=int, default=8192, help="e2e, generate: budget")
     bn.add_argument("--chunk-size", type=int, default=4096, help="e2e: prefill stride")
     bn.add_argument("--full-lengths", default="32k", help="e2e: prompt lengths for the full cache")
