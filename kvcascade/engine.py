@@ -237,6 +237,12 @@ def _generate_one(model, tokenizer, prompt, policy: Policy, max_new_tokens: int,
         session.close()  # the model gets its attention implementation back
 
 
+def run_ahead_enabled() -> bool:
+    """Whether greedy decoding on CUDA with graphs runs one step ahead (:meth:`Session._step_ahead`): yes unless
+    ``KVCASCADE_RUN_AHEAD=0``."""
+    return os.environ.get("KVCASCADE_RUN_AHEAD", "1") != "0"
+
+
 class Session:
     """One prompt's generation as a sequence of steps: each :meth:`step` runs one prefill chunk or decodes one
     token, so a caller can interleave several sessions on one model (the server does) or run one to the end
@@ -279,8 +285,7 @@ class Session:
         # no longer leaves the GPU idle. A step launched for a token that then ends the answer is not counted.
         # On unless KVCASCADE_RUN_AHEAD=0: on an H100 it closed the GPU's idle time between replayed steps from 100-300
         # to 22-27 us (docs/results/README.md, ninth session).
-        self.pipelined = (temperature <= 0 and self.device.type == "cuda" and self.graphs.enabled
-                          and os.environ.get("KVCASCADE_RUN_AHEAD", "1") != "0")
+        self.pipelined = temperature <= 0 and self.device.type == "cuda" and self.graphs.enabled and run_ahead_enabled()
         self._tok_host = None  # pinned [2] buffer the tokens are read into (CUDA), and the events that say they arrived
         self._tok_ready = None
         self._ahead = None  # running ahead: the next token on the device and its slot in _tok_host

@@ -330,7 +330,7 @@ def bench_e2e(model_name=None, length: int = 1048576, budget: int = 8192, policy
     """A ``length``-token passkey prompt through the model under ``policy`` at ``budget``: prefill seconds,
     decode tokens/s, peak GPU memory; then the full cache at ``full_lengths``."""
     _need_cuda()
-    from ..engine import generate
+    from ..engine import generate, run_ahead_enabled
     from ..eval.tasks import make_sample
     from ..models import DEFAULT_MODEL, load_model
     from ..policies import parse_policy_spec
@@ -364,7 +364,7 @@ def bench_e2e(model_name=None, length: int = 1048576, budget: int = 8192, policy
                      "speedup_vs_cudnn": None})
         print(f"{pol} {L}: prefill {r.prefill_s:.1f} s, answer {r.text[:30]!r}", file=sys.stderr, flush=True)
     meta = {"device": device_name(), "model": model_name, "dtype": str(model.dtype),
-            "run_ahead": os.environ.get("KVCASCADE_RUN_AHEAD", "1") != "0"}
+            "run_ahead": run_ahead_enabled()}
     print_table(rows, ["T", "method", "chunk", "prefill_s", "prefill_tok_s", "decode_tok_s", "steady_tok_s",
                        "peak_gib", "kv_mib", "passkey_found"], f"bench e2e ({meta['device']}, {model_name})")
     write_json(rows, out, meta)
