@@ -4,6 +4,7 @@ non-tensor arguments, and must not build tensors from host data (on a GPU, a hos
 CPU, where graphs never run, by recording each step's operator trace."""
 
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -279,6 +280,13 @@ class _NoGraph:
         pass
 
 
+def _fake_graphs(monkeypatch, capture=lambda graph: contextlib.nullcontext()):
+    """CUDA graphs on CPU: captures run the step eagerly inside ``capture(graph)``, replays do nothing."""
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _NoGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+
+
 @pytest.mark.parametrize("spec", ["cascade", "cascade-block", "h2o", "streaming", "locret", "full"])
 def test_replays_leave_the_host_state_that_steps_leave(spec, monkeypatch):
     """DecodeGraphs sets the host state a replayed step would have left (token counts, seen, peaks, policy state)
@@ -309,9 +317,7 @@ def test_replays_leave_the_host_state_that_steps_leave(spec, monkeypatch):
         return states, replays
 
     eager, _ = run(False)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _NoGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    _fake_graphs(monkeypatch)
     replayed, replays = run(True)
     assert replays > len(feed) // 2  # (most steps were replays)
     assert replayed == eager
@@ -321,8 +327,6 @@ def test_captures_run_without_the_garbage_collector_and_closing_drops_the_graphs
     """A graph that the garbage collector frees while another is being captured invalidates that capture (an H100
     run: sessions kept alive by a reference cycle): captures run with the collector off (and turn it back on), and a
     closed session drops its graphs at once."""
-    import gc
-
     seen = []
 
     @contextlib.contextmanager
@@ -332,9 +336,7 @@ def test_captures_run_without_the_garbage_collector_and_closing_drops_the_graphs
 
     model = tiny_model("qwen2", layers=2)
     ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(4)).tolist()
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _NoGraph)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    _fake_graphs(monkeypatch, capture)
     s = Session(model, _Tok(), ids, make_policy("streaming", 24), max_new_tokens=50, chunk_size=16,
                 stop_on_eos=False)
     with torch.inference_mode():
