@@ -26,7 +26,7 @@ from kvcascade import make_policy
 from kvcascade.bench import device_name, random_default_model
 from kvcascade.cache import CompressedCache
 from kvcascade.engine import prefill
-from kvcascade.graphs import SEEN_KEYS, DecodeGraphs
+from kvcascade.graphs import SEEN_KEYS, DecodeGraphs, settle
 from kvcascade.policies import parse_policy_spec
 
 
@@ -86,6 +86,7 @@ def main() -> None:
         model = random_default_model("cuda")
     else:
         model, _ = kvcascade.load_model(device="cuda", progress=False)
+    settle("cuda")  # timed in a long-lived process's graph state (kvcascade.graphs.settle)
     ids = torch.randint(100, 20000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = []
     for spec in args.policies:

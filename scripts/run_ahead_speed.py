@@ -4,9 +4,9 @@ the device, ``KVCASCADE_RUN_AHEAD``), both in one run on one GPU, CUDA graphs on
 Speed only: random weights in the default model's shape (Qwen2.5-Coder-0.5B: 24 layers, 896 wide, 14/2 heads of 64,
 vocab 151,936, bf16), so no model files are needed; tokens are whatever random weights pick. Rows: policy x run ahead
 off / on, tokens/s over the decode (first eager steps and captures included) and of the median step. Sessions
-alternate off, on, off, on: on an H100 the same graph ran 18% slower from a process's fourth session on, whatever the
-mode (docs/results/README.md, ninth session), which falls on the "on" rows; docs/results/decode_gap/replay_gaps.py
-times the graph and the GPU's idle time between replays apart.
+alternate off, on, off, on, all after ``kvcascade.graphs.settle`` (without it the first sessions' graphs replay ~18%
+faster than later ones', which fell on the "on" rows: docs/results/README.md, ninth and tenth sessions);
+docs/results/decode_gap/replay_gaps.py times the graph and the GPU's idle time between replays apart.
 Usage (GPU): python scripts/run_ahead_speed.py [--prompt 4096] [--new 256] [--budget 2048] [--split] [--out F.json] POLICY ...
 (``--device cpu --layers 2`` runs it small on a CPU, to check the script, not to time anything)
 
@@ -25,6 +25,7 @@ import torch
 from kvcascade import make_policy
 from kvcascade.bench import device_name, random_default_model
 from kvcascade.engine import Session
+from kvcascade.graphs import settle
 from kvcascade.policies import parse_policy_spec
 
 
@@ -79,6 +80,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     model = random_default_model(args.device, layers=args.layers)
+    settle(args.device)  # every session in a long-lived process's graph state (kvcascade.graphs.settle)
     ids = torch.randint(100, 20000, (args.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     rows = []
     for spec in args.policies:

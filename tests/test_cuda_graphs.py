@@ -349,3 +349,22 @@ def test_running_ahead_on_the_gpu_gives_the_step_by_step_tokens(spec, monkeypatc
     assert numbers[1] == numbers[0]
     for a, b in zip(pos0, pos1):
         assert torch.equal(a, b)
+
+
+@cuda
+def test_settle_captures_once_and_decoding_after_it_gives_the_same_tokens(monkeypatch):
+    """``graphs.settle`` (benchmarks call it before timing) captures its throwaway graphs on the GPU once per process;
+    decoding after it replays its steps and gives the tokens eager decoding gives."""
+    from kvcascade import graphs
+
+    monkeypatch.setenv("KVCASCADE_CUDA_GRAPHS", "1")
+    monkeypatch.setattr(graphs, "_settled", None)
+    seen = graphs.settle("cuda")
+    assert 2 <= seen["graphs"] <= graphs.SETTLE_MAX and seen["before_us"] > 0
+    assert seen["switched"] == (seen["after_us"] >= seen["before_us"] * graphs.SETTLE_RISE)
+    assert graphs.settle("cuda") is seen  # once per process
+    model = tiny_model("qwen2", layers=3).to("cuda", torch.bfloat16)
+    spec = ("streaming", {"budget": 24})
+    eager, _, _ = _decode(model, spec, monkeypatch, graphs=False)
+    graphed, replays, _ = _decode(model, spec, monkeypatch, graphs=True)
+    assert replays > 0 and graphed == eager

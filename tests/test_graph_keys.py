@@ -350,3 +350,29 @@ def test_captures_run_without_the_garbage_collector_and_closing_drops_the_graphs
     assert s.graphs.graphs
     s.close()
     assert not s.graphs.graphs
+
+
+def test_settle_instantiates_graphs_until_the_reference_slows_once_per_process_and_never_on_cpu(monkeypatch):
+    """``graphs.settle`` (benchmarks call it before timing) instantiates throwaway graphs until its reference graph
+    replays SETTLE_RISE slower (the driver's switch), at most SETTLE_MAX, once per process; nothing where graphs are
+    off (CPU, KVCASCADE_CUDA_GRAPHS=0)."""
+    monkeypatch.setattr(graphs, "_settled", None)
+    assert graphs.settle("cpu") is None  # CPU never captures
+    captured = []
+
+    @contextlib.contextmanager
+    def capture(graph):
+        captured.append(graph)
+        yield
+
+    _fake_graphs(monkeypatch, capture)
+    monkeypatch.setattr(graphs, "graphs_enabled", lambda device: True)
+    for switch_at, want in ((5, 5), (10**6, graphs.SETTLE_MAX)):  # the reference slows from the 5th graph on; never
+        captured.clear()
+        monkeypatch.setattr(graphs, "_settled", None)
+        monkeypatch.setattr(graphs, "_replay_us", lambda g: 100.0 if len(captured) < switch_at else 119.0)
+        seen = graphs.settle("cpu")
+        assert seen["graphs"] == want == len(captured)  # the reference and each throwaway graph: one capture each
+        assert seen["switched"] == (switch_at == want) and seen["before_us"] == 100.0
+        assert len({id(g) for g in captured}) == len(captured)  # graphs of their own (the count is what matters)
+        assert graphs.settle("cpu") is seen and len(captured) == want  # once per process
