@@ -15,20 +15,12 @@ import statistics
 
 import torch
 
-from kvcascade.bench import device_name, random_default_model
+from kvcascade.bench import cuda_time, device_name, random_default_model
 
 
-def _replay_us(replay, n: int = 15) -> float:
-    """Median device time of ``replay()`` over ``n`` runs (the first three not counted)."""
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(ts[3:])
+def _replay_us(replay) -> float:
+    """Median device time of ``replay()`` in microseconds (three warm-up runs, twelve timed)."""
+    return cuda_time(replay, warmup=3, reps=12) * 1e3
 
 
 def _count(args) -> list[dict]:
