@@ -90,30 +90,25 @@ SETTLE_RISE = 1.08  # a reference graph's replay this much slower: the driver ha
 _settled: dict | None = None  # what settle() saw (kept for the benchmarks' JSON)
 
 
-def _replay_us(graph, n: int = 9) -> float:
-    """Median device time of ``graph.replay()`` (the first two runs not counted)."""
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    return sorted(ts[2:])[(n - 2) // 2]
+def _replay_us(graph) -> float:
+    """Median device time of ``graph.replay()`` in microseconds (two warm-up runs, seven timed)."""
+    from .bench import cuda_time
+
+    return cuda_time(graph.replay, warmup=2, reps=7) * 1e3
 
 
 def settle(device) -> dict | None:
     """Put this process's CUDA graphs into the state a long-lived process is in, before a benchmark times anything.
 
     On the CUDA 13 driver measured here (580.159, H100 and H200), every graph of a process replays about 18% slower
-    once the process has instantiated a few graphs (the 4th in most processes, the 7th in one): any graph, one
+    once the process has instantiated a few graphs (the 4th or the 7th in the processes timed): any graph, one
     kernel or thousands, kept or destroyed, the graphs captured before it too; kernels take as long as before, the
     GPU's gaps between a graph's kernels grow (``python scripts/graph_drift.py``; docs/results/README.md, tenth
     session). A server, or a cascade prefill (a graph per chunk key), is past that point within seconds; a short
     benchmark is not, so rows timed before and after it would differ by the count alone. This times a reference
-    graph of tiny kernels, then instantiates (and drops) throwaway one-kernel graphs until the reference replays
-    ``SETTLE_RISE`` slower (at most ``SETTLE_MAX``), once per process, so that every timed row is in the steady
+    graph of tiny kernels, then instantiates throwaway graphs (64 tiny kernels each, over a tensor of its own, all
+    dropped at the end) until the reference replays ``SETTLE_RISE`` slower (at most ``SETTLE_MAX``), once per
+    process, so that every timed row is in the steady
     state whatever ran before it. Returns what it saw (``graphs`` instantiated, reference ``before_us`` /
     ``after_us``, ``switched``), also on later calls; None on CPU or with graphs off."""
     global _settled
@@ -129,8 +124,8 @@ def settle(device) -> dict | None:
     before = after = _replay_us(ref)
     n, held = 1, []
     while after < before * SETTLE_RISE and n < SETTLE_MAX:
-        # each on a tensor of its own, replayed a few times (graphs of one kernel over one tensor, replayed once,
-        # did not move the driver: an H200, tenth session)
+        # each on a tensor of its own (kept alive with its graph until the end), replayed a few times: graphs of
+        # one kernel over one shared tensor, replayed once, did not move the driver (an H200, tenth session)
         y = torch.zeros(256, device=device)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):

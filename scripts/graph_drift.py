@@ -1,10 +1,10 @@
 """Whether this machine's CUDA driver replays every graph slower once a process has instantiated a few (CUDA only).
 
 On the CUDA 13 driver measured here (580.159: H100 and H200), every graph of a process replays about 18% slower once
-the process has instantiated a few graphs (the 4th in most processes, the 7th in one), the graphs captured before it
+the process has instantiated a few graphs (the 4th or the 7th in the processes timed), the graphs captured before it
 too, kept or destroyed, of one kernel or thousands (docs/results/README.md, tenth session);
-``kvcascade.graphs.settle`` puts a benchmark into that steady state before it times anything. This prints, after each new graph, a reference graph's replay time (``--kernels``
-tiny kernels, captured first) and the new graph's own; with ``--decode``, instead, the default model's replayed decode
+``kvcascade.graphs.settle`` puts a benchmark into that steady state before it times anything. This prints, after each
+new graph, a reference graph's replay time (``--kernels`` tiny kernels, captured first) and the new graph's own; with ``--decode``, instead, the default model's replayed decode
 step (random weights, full cache, ``--prompt`` tokens) in a fresh process's first session and again after
 ``settle``. Usage: python scripts/graph_drift.py [--graphs 6] [--kernels 2000] [--decode] [--out F.json]
 """
